@@ -1,0 +1,162 @@
+"""Irreps bookkeeping: the static plans the ops run on, derived from e3nn-jax.
+
+Everything that depends only on irreps (column offsets, multiplicities, path weights,
+symmetric bases, parameter names) is computed here once, in Python/numpy, and handed to
+the ops as hashable, immutable plans. The ops themselves only see plain arrays.
+
+Nothing here re-derives e3nn's rules: :class:`LinearPlan` reads an
+``e3nn_jax._src.linear.FunctionalLinear`` and :class:`SymmetricPlan` reads
+``e3nn.reduced_symmetric_tensor_product_basis`` (the basis is not unique; using e3nn's
+keeps the parameters interchangeable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import e3nn_jax as e3nn
+import numpy as np
+from e3nn_jax._src.linear import FunctionalLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBlock:
+    """One weight path: ``out[:, v, m] += path_weight * sum_u x[:, u, m] w[u, v]``.
+
+    The input block occupies columns ``in_start : in_start + mul_in * ir_dim`` of the flat
+    e3nn layout (index ``u * ir_dim + m``), the output block likewise from ``out_start``.
+    """
+
+    in_start: int
+    out_start: int
+    mul_in: int
+    mul_out: int
+    ir_dim: int
+    path_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasBlock:
+    """A bias on the scalar output columns ``out_start : out_start + mul``."""
+
+    out_start: int
+    mul: int
+    path_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPlan:
+    """The weight and bias paths of an equivariant linear map, in e3nn's parameter order."""
+
+    dim_in: int
+    dim_out: int
+    blocks: tuple[LinearBlock, ...]
+    biases: tuple[BiasBlock, ...]
+    #: per output chunk, True where no path writes to it (e3nn marks such chunks as None)
+    zero_flags: tuple[bool, ...]
+
+    @staticmethod
+    def from_functional_linear(lin: FunctionalLinear) -> LinearPlan:
+        in_slices, out_slices = lin.irreps_in.slices(), lin.irreps_out.slices()
+        blocks, biases = [], []
+        for ins in lin.instructions:
+            out = lin.irreps_out[ins.i_out]
+            if ins.i_in == -1:
+                biases.append(BiasBlock(out_slices[ins.i_out].start, out.mul, ins.path_weight))
+            else:
+                blocks.append(
+                    LinearBlock(
+                        in_start=in_slices[ins.i_in].start,
+                        out_start=out_slices[ins.i_out].start,
+                        mul_in=lin.irreps_in[ins.i_in].mul,
+                        mul_out=out.mul,
+                        ir_dim=out.ir.dim,
+                        path_weight=ins.path_weight,
+                    )
+                )
+        written = {ins.i_out for ins in lin.instructions if 0 not in ins.path_shape}
+        return LinearPlan(
+            dim_in=lin.irreps_in.dim,
+            dim_out=lin.irreps_out.dim,
+            blocks=tuple(blocks),
+            biases=tuple(biases),
+            zero_flags=tuple(i not in written for i in range(len(lin.irreps_out))),
+        )
+
+    def weight_shapes(self, num_indexed_weights: int) -> tuple[tuple[int, int, int], ...]:
+        return tuple((num_indexed_weights, b.mul_in, b.mul_out) for b in self.blocks)
+
+    def bias_shapes(self, num_indexed_weights: int) -> tuple[tuple[int, int], ...]:
+        return tuple((num_indexed_weights, b.mul) for b in self.biases)
+
+
+def linear_parameter_name(lin: FunctionalLinear, ins) -> str:
+    """e3nn's name for the parameter of instruction ``ins`` (``w[0,0] 2x0e,1x0e``, ``b[0] 1x0e``)."""
+    if ins.i_in == -1:
+        return f"b[{ins.i_out}] {lin.irreps_out[ins.i_out]}"
+    return f"w[{ins.i_in},{ins.i_out}] {lin.irreps_in[ins.i_in]},{lin.irreps_out[ins.i_out]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SymmetricPath:
+    """The part of the symmetric contraction of one ``order`` producing one ``ir_out``.
+
+    ``basis`` is e3nn's reduced symmetric basis chunk divided by its multiplicity, shape
+    ``(dim_in,) * order + (mul, ir_out.dim)``; the path's parameter is ``w{order}_{ir_out}``
+    of shape ``(mul, num_channel)`` (``(S, mul, num_channel)`` with indexed weights).
+    """
+
+    order: int
+    ir_out: e3nn.Irrep
+    mul: int
+    out_start: int
+    basis: np.ndarray = dataclasses.field(compare=False, hash=False, repr=False)
+
+    @property
+    def parameter_name(self) -> str:
+        return f"w{self.order}_{self.ir_out}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SymmetricPlan:
+    """Static description of ``SymmetricTensorProduct(orders, keep_irrep_out)`` on ``irreps_in``.
+
+    ``paths`` are in e3nn's parameter creation order (orders descending, then the basis's
+    irreps order); ``irreps_out`` is e3nn's output irreps (sorted, one copy of each).
+    Build it with :func:`symmetric_plan`, which caches it.
+    """
+
+    irreps_in: e3nn.Irreps
+    orders: tuple[int, ...]
+    keep: frozenset[e3nn.Irrep] | None
+    irreps_out: e3nn.Irreps
+    paths: tuple[SymmetricPath, ...]
+
+    @property
+    def dim_in(self) -> int:
+        return self.irreps_in.dim
+
+    @property
+    def dim_out(self) -> int:
+        return self.irreps_out.dim
+
+
+@functools.lru_cache(maxsize=None)
+def symmetric_plan(
+    irreps_in: e3nn.Irreps, orders: tuple[int, ...], keep: frozenset[e3nn.Irrep] | None
+) -> SymmetricPlan:
+    """The cached :class:`SymmetricPlan`; the e3nn basis is computed once per configuration."""
+    raw = []
+    for order in range(max(orders), 0, -1):
+        if order not in orders:
+            continue
+        basis = e3nn.reduced_symmetric_tensor_product_basis(irreps_in, order, keep_ir=keep)
+        for (mul, ir), u in zip(basis.irreps, basis.chunks):
+            raw.append((order, ir, mul, np.asarray(u) / mul))
+    irreps_out = e3nn.Irreps(sorted({ir for _, ir, _, _ in raw}))
+    starts = dict(zip((ir for _, ir in irreps_out), (s.start for s in irreps_out.slices())))
+    paths = tuple(
+        SymmetricPath(order, ir, mul, starts[ir], basis) for order, ir, mul, basis in raw
+    )
+    return SymmetricPlan(irreps_in, tuple(orders), keep, irreps_out, paths)

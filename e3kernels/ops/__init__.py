@@ -1,0 +1,7 @@
+"""Functional ops. Each validates its inputs and dispatches, at trace time, to
+``e3kernels.reference`` or ``e3kernels.kernels`` through :mod:`e3kernels.backend`."""
+
+from e3kernels.ops.indexed_linear import indexed_linear
+from e3kernels.ops.symmetric_contraction import symmetric_contraction
+
+__all__ = ["indexed_linear", "symmetric_contraction"]

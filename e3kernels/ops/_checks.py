@@ -1,0 +1,38 @@
+"""Input checks shared by the ops: each error names the argument, what was expected, what came."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_array(op: str, argument: str, value, shape: Sequence[int | None], dtype_kind: str):
+    """Check rank, the dimensions given in ``shape`` (``None``: any) and the dtype kind."""
+    got_shape = getattr(value, "shape", None)
+    got_dtype = getattr(value, "dtype", None)
+    expected = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+    if got_shape is None or len(got_shape) != len(shape) or any(
+        d is not None and d != g for d, g in zip(shape, got_shape)
+    ):
+        raise ValueError(f"{op}: {argument} must have shape {expected}; got {got_shape}")
+    kinds = {"f": "floating", "i": "integer"}
+    if jnp.dtype(got_dtype).kind not in ("iu" if dtype_kind == "i" else dtype_kind):
+        raise TypeError(f"{op}: {argument} must have a {kinds[dtype_kind]} dtype; got {got_dtype}")
+
+
+def check_indices_in_range(op: str, argument: str, indices, num_indexed_weights: int):
+    """Raise for concrete indices outside ``[0, num_indexed_weights)``; traced ones pass."""
+    if isinstance(indices, jax.core.Tracer):
+        return
+    indices = np.asarray(indices)
+    if indices.size == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= num_indexed_weights:
+        raise ValueError(
+            f"{op}: {argument} must lie in [0, {num_indexed_weights}) "
+            f"(num_indexed_weights={num_indexed_weights}); got values in [{low}, {high}]"
+        )
