@@ -142,7 +142,7 @@ class SymmetricPlan:
         return self.irreps_out.dim
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def symmetric_plan(
     irreps_in: e3nn.Irreps, orders: tuple[int, ...], keep: frozenset[e3nn.Irrep] | None
 ) -> SymmetricPlan:

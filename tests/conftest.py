@@ -67,17 +67,24 @@ def tree_sum_squares(tree):
     return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def check_parity(build, args, backend, x_argnum=-1, second_order=True, rtol=RTOL, atol=ATOL):
-    """Check a module against e3nn-jax's: params, outputs, gradients, second-order gradients.
+def check_parity(build, args, backend, **kwargs):
+    """Check a module against e3nn-jax's (see :func:`check_pair`).
 
     ``build(namespace, **kwargs)`` returns the module call; it is given ``e3nn_jax.haiku``
-    for the oracle and ``e3kernels.haiku`` with ``backend=backend`` for ours. ``args`` are
-    the call arguments; ``x_argnum`` is the float input differentiated against.
+    for the oracle and ``e3kernels.haiku`` with ``backend=backend`` for ours.
     """
     import e3kernels
 
-    ours = as_transform(lambda *a: build(e3kernels.haiku, backend=backend)(*a))
-    theirs = as_transform(lambda *a: build(e3nn.haiku)(*a))
+    return check_pair(lambda *a: build(e3kernels.haiku, backend=backend)(*a),
+                      lambda *a: build(e3nn.haiku)(*a), args, **kwargs)
+
+
+def check_pair(ours_fn, theirs_fn, args, x_argnum=-1, second_order=True, rtol=RTOL, atol=ATOL):
+    """Params, outputs, gradients and second-order gradients of ours vs e3nn-jax's.
+
+    ``args`` are the call arguments; ``x_argnum`` is the float input differentiated against.
+    """
+    ours, theirs = as_transform(ours_fn), as_transform(theirs_fn)
     params = compare_transforms(ours, theirs, *args)
     x_argnum = x_argnum % len(args)
 
