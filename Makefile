@@ -1,10 +1,12 @@
-# e3kernels: `make test` (installs into .venv if needed, then runs the tests).
+# e3kernels: `make test` runs the tests, `make bench` the comparison with e3nn-jax.
+# Both install into .venv first if needed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install test lint
+.PHONY: install test lint bench
 
 install: $(STAMP)
 
@@ -20,3 +22,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,lint,bench]"
+	touch $(BENCH_STAMP)
+
+# BENCH_ARGS=--quick for small sizes; see `python -m bench --help`
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -1,0 +1,109 @@
+"""``python -m bench``: compare e3kernels with e3nn-jax (and cuequivariance-jax) side by side.
+
+Every candidate is jitted and compiled first (its compiled temporary memory is recorded),
+then all candidates of a workload are timed interleaved, in a new random order each
+round; the table shows medians and speed-ups against e3nn-jax measured in the same run.
+Results go to ``bench/results/`` as JSON and a PNG chart.
+
+    python -m bench                 # default sizes (a few minutes on a 2-core CPU)
+    python -m bench --quick         # small sizes, fewer rounds
+    python -m bench --workloads indexed_linear --rows 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform as platform_module
+from pathlib import Path
+
+import jax
+
+from bench import report
+from bench.timing import Measured, compile_one, printer, run_interleaved
+from bench.workloads import ROWS, WORKLOADS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and 3 rounds")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {', '.join(WORKLOADS)}",
+    )
+    parser.add_argument("--rows", type=int, help="rows (atoms) for every workload")
+    parser.add_argument("--repeats", type=int, help="timing rounds (default 7, 3 with --quick)")
+    parser.add_argument("--min-seconds", type=float, default=0.05, help="min duration of one timing")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"--workloads: unknown {unknown}; expected names from {list(WORKLOADS)}")
+    if args.rows is not None and args.rows < 1:
+        parser.error(f"--rows: expected a positive int; got {args.rows}")
+    repeats = args.repeats or (3 if args.quick else 7)
+    if repeats < 1:
+        parser.error(f"--repeats: expected a positive int; got {repeats}")
+
+    platform = jax.default_backend()
+    sizes = ROWS[("cpu" if platform == "cpu" else "gpu", args.quick)]
+    progress = printer(args.quiet)
+    machine = describe_machine()
+    progress(f"e3kernels bench on {machine['device']} ({machine['cpus']} CPUs), jax {jax.__version__}")
+
+    results = []
+    for index, name in enumerate(names, 1):
+        title, build = WORKLOADS[name]
+        rows = args.rows or sizes[name]
+        progress(f"[{index}/{len(names)}] {title}, N={rows}: building candidates")
+        jobs, measured = [], []
+        for candidate in build(rows, platform):
+            for mode, fn in (("fwd", candidate.fwd), ("fwd+bwd", candidate.fwd_bwd)):
+                m = Measured(candidate.name, mode)
+                progress(f"  compiling {candidate.name} {mode}")
+                compiled = compile_one(fn, candidate.args, m)
+                if compiled is None:
+                    progress(f"    failed: {m.error}")
+                else:
+                    jobs.append((m, compiled, candidate.args))
+                measured.append(m)
+        progress(f"  timing {len(jobs)} functions, {repeats} interleaved rounds")
+        run_interleaved(jobs, repeats, args.min_seconds, progress)
+        result = {"workload": name, "title": title, "rows": rows, "measured": measured}
+        print(report.table(result), flush=True)
+        results.append(result)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    payload = {"machine": machine, "repeats": repeats, "quick": args.quick, "results": [
+        {**r, "measured": [m.as_dict() for m in r["measured"]]} for r in results
+    ]}
+    json_path = args.out / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    png_path = report.chart(results, args.out / f"bench-{stamp}.png", machine)
+    progress(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no matplotlib: no chart)"))
+    return 0
+
+
+def describe_machine() -> dict:
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}: {device.device_kind}",
+        "cpus": os.cpu_count(),
+        "processor": platform_module.processor() or platform_module.machine(),
+        "python": platform_module.python_version(),
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""The benchmarked workloads and their candidates (design.md, "Workloads").
+
+Every candidate is a pair of pure functions of the same arguments: ``fwd`` (the output) and
+``fwd_bwd`` (gradients of a scalar loss with respect to the parameters and the float
+inputs). Candidates of one workload share inputs and, where the parameter trees agree
+(e3nn-jax and e3kernels), parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+
+import e3nn_jax as e3nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+import e3kernels
+
+SPECIES = 10
+CHANNELS = 128
+NODE_IRREPS = "0e + 1o + 2e + 3o"
+KEEP = "0e + 1o"
+ORDERS = (1, 2, 3)
+
+
+@dataclasses.dataclass
+class Candidate:
+    name: str
+    fwd: Callable
+    fwd_bwd: Callable
+    args: tuple
+
+
+@dataclasses.dataclass
+class Workload:
+    key: str
+    title: str
+    rows: int
+    build: Callable[[int, str], list[Candidate]]  # (rows, platform) -> candidates
+
+
+def has_cuequivariance() -> bool:
+    return importlib.util.find_spec("cuequivariance_jax") is not None
+
+
+def e3kernels_backends(platform: str) -> list[str]:
+    """Our candidates here: the reference everywhere, the kernels where they compile."""
+    return ["reference"] if platform == "cpu" else ["reference", "pallas"]
+
+
+def _loss_grads(apply: Callable, argnums: tuple[int, ...]) -> Callable:
+    def loss(*args):
+        out = apply(*args)
+        return 0.5 * jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+    return jax.grad(loss, argnums=argnums)
+
+
+def _haiku_candidate(name: str, module_fn: Callable, params_like, args: tuple) -> Candidate:
+    """A candidate from a Haiku function; ``params_like`` supplies the shared parameters."""
+    transformed = hk.without_apply_rng(hk.transform(module_fn))
+    params = params_like if params_like is not None else transformed.init(jax.random.PRNGKey(0), *args)
+    apply = lambda params, *a: transformed.apply(params, *a).array
+    grad_argnums = (0, len(args))  # the parameters and the last (float) input
+    return Candidate(name, apply, _loss_grads(apply, grad_argnums), (params,) + args)
+
+
+# ---- symmetric contraction, MACE-M, species-indexed weights ----------------------------
+
+
+def e3nn_indexed_stp(orders, keep, num):
+    """Today's e3nn-jax way: hk.vmap over rows, get_parameter gathering the row's weights."""
+
+    def f(species, x):
+        def row(s, x_row):
+            def get_parameter(name, shape, dtype):
+                full = hk.get_parameter(name, (num,) + shape, dtype, hk.initializers.RandomNormal())
+                return full[s]
+
+            return e3nn.haiku.SymmetricTensorProduct(orders, keep, get_parameter)(x_row)
+
+        return hk.vmap(row, split_rng=False)(species, x)
+
+    return f
+
+
+def symmetric_contraction(rows: int, platform: str) -> list[Candidate]:
+    key_x, key_s = jax.random.split(jax.random.PRNGKey(1))
+    x = e3nn.normal(NODE_IRREPS, key_x, (rows, CHANNELS))
+    species = jax.random.randint(key_s, (rows,), 0, SPECIES)
+    theirs = _haiku_candidate("e3nn-jax", e3nn_indexed_stp(ORDERS, KEEP, SPECIES), None, (species, x))
+    candidates = [theirs]
+    for backend in e3kernels_backends(platform):
+        stp = lambda s, x, backend=backend: e3kernels.haiku.SymmetricTensorProduct(
+            ORDERS, KEEP, num_indexed_weights=SPECIES, backend=backend
+        )(s, x)
+        candidates.append(_haiku_candidate(f"e3kernels {backend}", stp, theirs.args[0], (species, x)))
+    if has_cuequivariance():
+        candidates.append(_cue_symmetric_contraction(rows, platform, species))
+    return candidates
+
+
+def _cue_symmetric_contraction(rows, platform, species) -> Candidate:
+    import cuequivariance as cue
+    import cuequivariance_jax as cuex
+
+    irreps = cue.Irreps("O3", NODE_IRREPS.replace(" ", ""))
+    poly = cue.descriptors.symmetric_contraction(
+        CHANNELS * irreps, CHANNELS * cue.Irreps("O3", KEEP.replace(" ", "")), ORDERS
+    ).polynomial
+    method = "naive" if platform == "cpu" else "uniform_1d"
+    w = jax.random.normal(jax.random.PRNGKey(2), (SPECIES, poly.inputs[0].size))
+    x = jax.random.normal(jax.random.PRNGKey(3), (rows, poly.inputs[1].size))
+    out = jax.ShapeDtypeStruct((rows, poly.outputs[0].size), jnp.float32)
+
+    def apply(w, species, x):
+        [y] = cuex.segmented_polynomial(poly, [w, x], [out], indices=[species, None, None], method=method)
+        return y
+
+    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2)), (w, species, x))
+
+
+# ---- indexed Linear ---------------------------------------------------------------------
+
+LINEAR_IRREPS = "128x0e + 128x1o + 128x2e + 128x3o"
+
+
+def indexed_linear(rows: int, platform: str) -> list[Candidate]:
+    key_x, key_s = jax.random.split(jax.random.PRNGKey(4))
+    x = e3nn.normal(LINEAR_IRREPS, key_x, (rows,))
+    species = jax.random.randint(key_s, (rows,), 0, SPECIES)
+
+    def module(ns, **kw):
+        return lambda s, x: ns.Linear(LINEAR_IRREPS, num_indexed_weights=SPECIES, **kw)(s, x)
+
+    theirs = _haiku_candidate("e3nn-jax", module(e3nn.haiku), None, (species, x))
+    candidates = [theirs]
+    for backend in e3kernels_backends(platform):
+        ours = module(e3kernels.haiku, backend=backend)
+        candidates.append(_haiku_candidate(f"e3kernels {backend}", ours, theirs.args[0], (species, x)))
+    candidates.append(_dense_matmul(rows))
+    if has_cuequivariance():
+        candidates.append(_cue_indexed_linear(rows, platform, species))
+    return candidates
+
+
+def _dense_matmul(rows: int) -> Candidate:
+    """A plain matmul with the indexed Linear's FLOPs and bytes: (rows*16, 128) @ (128, 128)."""
+    dim = e3nn.Irreps(LINEAR_IRREPS).dim
+    x = jax.random.normal(jax.random.PRNGKey(5), (rows, dim))
+    w = jax.random.normal(jax.random.PRNGKey(6), (CHANNELS, CHANNELS))
+    apply = lambda w, x: jnp.dot(x.reshape(-1, CHANNELS), w).reshape(x.shape)
+    return Candidate("dense matmul (same FLOPs)", apply, _loss_grads(apply, (0, 1)), (w, x))
+
+
+def _cue_indexed_linear(rows, platform, species) -> Candidate:
+    import cuequivariance as cue
+    import cuequivariance_jax as cuex
+
+    irreps = cue.Irreps("O3", LINEAR_IRREPS.replace(" ", ""))
+    poly = cue.descriptors.linear(irreps, irreps).polynomial
+    w = jax.random.normal(jax.random.PRNGKey(7), (SPECIES, poly.inputs[0].size))
+    x = jax.random.normal(jax.random.PRNGKey(8), (rows, poly.inputs[1].size))
+    out = jax.ShapeDtypeStruct((rows, poly.outputs[0].size), jnp.float32)
+    if platform == "cpu":
+        method = "naive"
+        index = species
+    else:  # its CUDA kernel wants rows sorted by species and the counts
+        method = "indexed_linear"
+        index = jnp.bincount(species, length=SPECIES)
+        x = x[jnp.argsort(species)]
+
+    def apply(w, index, x):
+        gather = index if method == "naive" else cuex.Repeats(index)
+        [y] = cuex.segmented_polynomial(poly, [w, x], [out], indices=[gather, None, None], method=method)
+        return y
+
+    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2)), (w, index, x))
+
+
+# ---- a MACE-style interaction block, trained on energies and forces ---------------------
+
+
+def interaction_block(ns, species, positions, **kw):
+    """Species embedding x spherical harmonics -> indexed Linear -> indexed symmetric
+    contraction -> Linear to one energy per atom. Returns the total energy."""
+    rows = positions.shape[0]
+    sh = e3nn.spherical_harmonics(NODE_IRREPS, positions, normalize=False)  # (rows, 16)
+    embed = hk.get_parameter("embed", (SPECIES, CHANNELS), init=hk.initializers.RandomNormal())
+    h = e3nn.IrrepsArray(sh.irreps, embed[species][:, :, None] * sh.array[:, None, :])
+    h = h.axis_to_mul()  # (rows, 128x0e+128x1o+128x2e+128x3o)
+    h = ns.Linear(h.irreps, num_indexed_weights=SPECIES, **kw)(species, h).mul_to_axis(CHANNELS)
+    if ns is e3nn.haiku:
+        h = e3nn_indexed_stp(ORDERS, KEEP, SPECIES)(species, h)
+    else:
+        h = ns.SymmetricTensorProduct(ORDERS, KEEP, num_indexed_weights=SPECIES, **kw)(species, h)
+    energy = ns.Linear("0e", **kw)(h.axis_to_mul())
+    assert energy.shape == (rows, 1)
+    return jnp.sum(energy.array)
+
+
+def training_step(rows: int, platform: str) -> list[Candidate]:
+    key_p, key_s = jax.random.split(jax.random.PRNGKey(9))
+    positions = jax.random.normal(key_p, (rows, 3))
+    species = jax.random.randint(key_s, (rows,), 0, SPECIES)
+
+    def candidate(name, ns, params=None, **kw):
+        energy = hk.without_apply_rng(hk.transform(lambda s, p: interaction_block(ns, s, p, **kw)))
+        if params is None:
+            params = energy.init(jax.random.PRNGKey(0), species, positions)
+
+        def energy_forces(params, s, p):
+            e, grad = jax.value_and_grad(energy.apply, argnums=2)(params, s, p)
+            return e, -grad
+
+        def loss(params, s, p):
+            e, forces = energy_forces(params, s, p)
+            return (e / rows) ** 2 + jnp.mean(jnp.square(forces))
+
+        return Candidate(name, energy_forces, jax.grad(loss), (params, species, positions))
+
+    theirs = candidate("e3nn-jax", e3nn.haiku)
+    ours = [
+        candidate(f"e3kernels {b}", e3kernels.haiku, theirs.args[0], backend=b)
+        for b in e3kernels_backends(platform)
+    ]
+    return [theirs] + ours
+
+
+WORKLOADS = {
+    "symmetric_contraction": (
+        "Symmetric contraction, MACE-M (128x(0e+1o+2e+3o), orders 1-3, keep 0e+1o, 10 species)",
+        symmetric_contraction,
+    ),
+    "indexed_linear": ("Indexed Linear (128x0e+128x1o+128x2e+128x3o, 10 species)", indexed_linear),
+    "training_step": (
+        "MACE-style block, energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
+        training_step,
+    ),
+}
+
+# rows per workload: default CPU sizes finish in minutes on 2 cores; GPU sizes are MACE-typical
+ROWS = {
+    ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "training_step": 200},
+    ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "training_step": 50},
+    ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "training_step": 4000},
+    ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "training_step": 500},
+}
