@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install test lint bench
+.PHONY: install test lint bench gpu-check
 
 install: $(STAMP)
 
@@ -30,3 +30,20 @@ $(BENCH_STAMP): $(STAMP)
 # BENCH_ARGS=--quick for small sizes; see `python -m bench --help`
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU: the kernels for real (no interpret mode), then the
+# bench against the reference, e3nn-jax and cuequivariance-jax. Installs JAX's CUDA wheels
+# (CUDA_EXTRA=cuda12 or cuda13) into .venv, unless GPU_PYTHON names a ready interpreter.
+CUDA_EXTRA ?= cuda13
+GPU_STAMP := $(VENV)/.installed-$(CUDA_EXTRA)
+GPU_PYTHON ?=
+GPU_RUN := $(if $(GPU_PYTHON),$(GPU_PYTHON),$(BIN)/python)
+
+$(GPU_STAMP): $(BENCH_STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,$(CUDA_EXTRA)]"
+	touch $(GPU_STAMP)
+
+gpu-check: $(if $(GPU_PYTHON),,$(GPU_STAMP))
+	$(GPU_RUN) -c 'import jax, sys; d = jax.devices()[0]; print(d.device_kind); sys.exit(d.platform != "gpu")'
+	E3KERNELS_GPU_TESTS=1 $(GPU_RUN) -m pytest -q -p no:cacheprovider tests/gpu
+	$(GPU_RUN) -m bench --workloads indexed_linear,symmetric_contraction $(BENCH_ARGS)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import e3nn_jax as e3nn
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# tests/gpu run the kernels for real on a CUDA GPU, through `make gpu-check`; CI has no GPU
+collect_ignore = [] if os.environ.get("E3KERNELS_GPU_TESTS") else ["gpu"]
 
 # float32 round-off on O(1) values, through a few matmuls
 RTOL, ATOL = 2e-5, 2e-5
