@@ -108,8 +108,7 @@ def select(
     op: str,
     backend: str | None,
     reference: Callable[..., Any],
-    pallas: dict[str, Callable[..., Any]] | None,
-    why_no_kernel: str = "",
+    kernels: Callable[[], dict[str, Callable[..., Any]] | str],
 ) -> Callable[..., Any]:
     """Choose the implementation of ``op`` for ``backend``; the single dispatch point.
 
@@ -117,9 +116,9 @@ def select(
       op: the op's name, for error messages.
       backend: a backend name or ``None`` for the current setting.
       reference: the ``jax.numpy`` implementation.
-      pallas: the kernel implementations keyed ``"gpu"``, ``"tpu"`` and ``"interpret"``
-        (CPU), or ``None`` where no kernel handles this call.
-      why_no_kernel: why ``pallas`` is ``None`` (shown in the error for ``"pallas"``).
+      kernels: called only when a kernel may be used (so the reference path never imports
+        or plans kernels); returns the kernel implementations keyed ``"gpu"``, ``"tpu"`` and
+        ``"interpret"`` (CPU), or a string saying why no kernel handles this call.
 
     Returns:
       A function with the signature of ``reference``.
@@ -127,12 +126,12 @@ def select(
     name = resolve_backend(backend)
     if name == "reference":
         return reference
-    if pallas is None:
+    pallas = kernels()
+    if isinstance(pallas, str):
         if name == "auto":
             return reference
-        reason = f": {why_no_kernel}" if why_no_kernel else ""
         raise NotImplementedError(
-            f"{op}: backend 'pallas' has no kernel for this call{reason}. "
+            f"{op}: backend 'pallas' has no kernel for this call: {pallas}. "
             "Use backend='reference' or 'auto'."
         )
     gpu, tpu, interpret = pallas["gpu"], pallas["tpu"], pallas["interpret"]

@@ -58,9 +58,10 @@ def compare_transforms(ours, theirs, *args, rng=None, states=False):
     return p_ours
 
 
-@pytest.fixture(params=["reference"])
+@pytest.fixture(params=["reference", "pallas"])
 def backend(request):
-    """The backends every parity test runs on (kernels join as they land)."""
+    """The backends the parity tests of kernel-backed calls run on ("pallas": the kernels in
+    interpret mode, on CPU)."""
     return request.param
 
 

@@ -70,7 +70,7 @@ reference = lambda x: x + 1.0
 
 
 def _lowered(name, platform):
-    f = lambda x: backend.select("op", name, reference, FAKE_KERNELS)(x)
+    f = lambda x: backend.select("op", name, reference, lambda: FAKE_KERNELS)(x)
     return jax.jit(f).trace(jnp.float32(1)).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -92,7 +92,7 @@ def test_auto_resolves_per_lowering_platform(name, platform, constant):
 
 
 def test_resolution_follows_the_setting_at_trace_time():
-    f = lambda x: backend.select("op", None, reference, FAKE_KERNELS)(x)
+    f = lambda x: backend.select("op", None, reference, lambda: FAKE_KERNELS)(x)
     with e3kernels.use_backend("pallas"):
         assert float(f(jnp.float32(1))) == 4.0
     with e3kernels.use_backend("reference"):
@@ -103,5 +103,12 @@ def test_resolution_follows_the_setting_at_trace_time():
 def test_pallas_without_kernel_is_an_error_auto_falls_back():
     match = r"my_op: backend 'pallas' has no kernel for this call: orders > 4"
     with pytest.raises(NotImplementedError, match=match):
-        backend.select("my_op", "pallas", reference, None, "orders > 4")
-    assert backend.select("my_op", "auto", reference, None) is reference
+        backend.select("my_op", "pallas", reference, lambda: "orders > 4")
+    assert backend.select("my_op", "auto", reference, lambda: "orders > 4") is reference
+
+
+def test_reference_never_asks_for_kernels():
+    def no_kernels():
+        raise AssertionError("the reference path must not plan kernels")
+
+    assert backend.select("my_op", "reference", reference, no_kernels) is reference

@@ -34,37 +34,37 @@ VANILLA_CASES = [
 
 
 @pytest.mark.parametrize("kwargs", VANILLA_CASES)
-def test_vanilla(kwargs, backend):
+def test_vanilla(kwargs):
     x = normal("1o + 2x0e", 3)
-    check_parity(lambda ns, **kw: ns.Linear(**kwargs, **kw), (x,), backend)
+    check_parity(lambda ns, **kw: ns.Linear(**kwargs, **kw), (x,), "reference")
 
 
-def test_vanilla_channel_out(backend):
+def test_vanilla_channel_out():
     x = normal("2x0e + 1o", 3, 4)  # 3 rows, 4 channels
-    check_parity(lambda ns, **kw: ns.Linear("0e + 1o", channel_out=5, **kw), (x,), backend)
+    check_parity(lambda ns, **kw: ns.Linear("0e + 1o", channel_out=5, **kw), (x,), "reference")
 
 
-def test_vanilla_instructions(backend):
+def test_vanilla_instructions():
     x = normal("0e + 1o + 0e", 3)
     build = lambda ns, **kw: ns.Linear(
         "2x0e + 1o", irreps_in="0e + 1o + 0e", instructions=[(0, 0), (2, 0), (1, 1)],
         simplify_irreps_internally=False, **kw)
-    check_parity(build, (x,), backend)
+    check_parity(build, (x,), "reference")
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_external_weights(per_channel, backend):
+def test_external_weights(per_channel):
     if per_channel:
         x, w = normal("0e + 1o", 6, 3), jax.random.normal(KEY, (6, 4))
     else:
         x, w = normal("1o + 2x0e", 6), jax.random.normal(KEY, (6, 4))
     build = lambda ns, **kw: ns.Linear("2x0e + 1o", biases=True, weights_per_channel=per_channel, **kw)
-    check_parity(build, (w, x), backend)
+    check_parity(build, (w, x), "reference")
 
 
-def test_external_weights_broadcast(backend):
+def test_external_weights_broadcast():
     x, w = normal("1o + 2x0e", 1, 5), jax.random.normal(KEY, (3, 1, 2))
-    check_parity(lambda ns, **kw: ns.Linear("0e + 1o", **kw), (w, x), backend)
+    check_parity(lambda ns, **kw: ns.Linear("0e + 1o", **kw), (w, x), "reference")
 
 
 INDEXED_CASES = [

@@ -15,6 +15,12 @@ from e3kernels.reference import indexed_linear as _reference
 OP = "indexed_linear"
 
 
+def _kernels():
+    """The Pallas module, imported when a kernel may run (the reference needs no Pallas)."""
+    from e3kernels.kernels import indexed_linear
+
+    return indexed_linear
+
 def indexed_linear(
     x: jax.Array,
     weights: Sequence[jax.Array],
@@ -65,8 +71,7 @@ def indexed_linear(
         OP,
         backend,
         functools.partial(_reference.indexed_linear, plan=plan),
-        pallas=None,
-        why_no_kernel="the indexed_linear kernel is not implemented yet",
+        lambda: _kernels().implementations(plan),
     )
     return impl(x, weights, biases, indices)
 

@@ -65,10 +65,16 @@ def symmetric_contraction(
         OP,
         backend,
         functools.partial(_reference.symmetric_contraction, plan=plan),
-        pallas=None,
-        why_no_kernel="the symmetric_contraction kernel is not implemented yet",
+        lambda: _kernels().implementations(plan, indexed=indices is not None),
     )
     return impl(x, weights, indices)
+
+
+def _kernels():
+    """The Pallas module, imported when a kernel may run (the reference needs no Pallas)."""
+    from e3kernels.kernels import symmetric_contraction
+
+    return symmetric_contraction
 
 
 def _validate(x, weights, indices, plan: SymmetricPlan) -> int | None:

@@ -1,0 +1,110 @@
+r"""Fused Pallas kernels for ``symmetric_contraction`` (GPU: Triton lowering, TPU: Mosaic).
+
+Algorithm ("weights first", then one sparse polynomial per row and channel):
+
+1. Once per plan (numpy, :func:`e3kernels.symmetric_terms.symmetric_terms`): the plan's
+   basis is symmetrised over sorted monomials ``J = (j1 <= .. <= j_order)`` and its
+   nonzero ``(J, output column)`` pairs become *terms*, each with a coefficient row
+   ``A[t, :]`` over the paths' ``mul`` axes.
+2. Per call, a small XLA einsum ``B[s, t, c] = sum_k A[t, k] W[s, k, c]`` (``S = 1`` for
+   shared weights), then one kernel computes, for every row ``n`` and channel ``c``,
+   ``out[n, c, o_t] += B[s_n, t, c] * prod_{j in J_t} x[n, c, j]`` over the unrolled terms,
+   in float32, sharing the products of common leading variables (``_term_unrolling``).
+   With indexed weights rows are sorted by index (``e3kernels.grouping``), so that a tile of rows
+   reads one ``B[s]``; rows with an invalid index form their own tiles, written as NaN.
+3. The backward passes are the same kind of kernel with derived term lists
+   (``_sparse_polynomial``: input gradients are polynomials again, coefficient gradients
+   per-tile row sums), so any order of differentiation runs Pallas kernels; the weights'
+   gradient then flows through the einsum of step 2.
+
+Why, at MACE-M (``0e+1o+2e+3o``, orders 1-3, keep ``0e+1o``, C = 128): the basis is 98.9 %
+zeros, so the forward is 410 terms (order 3: 355 of the 816 sorted monomials x output
+components; order 2: 51; order 1: 4) plus 478 shared prefix products: ~1.3 kFLOP per
+channel, **~166 kFLOP per row**, against ~1 MFLOP for a dense contraction of the basis.
+HBM traffic is x in and out only, ``(16 + 4) x 128 x 4 B = 10 kB`` per row; ``B`` (210 kB
+per weight set) is re-read from L2 once per 32-row tile, ~6.5 kB per row. At ~16 FLOP/B
+the forward sits near the H100's FP32 ridge (~20 FLOP/B): N = 4000 is ~0.7 GFLOP and
+~40 MB, ~10-15 us if the unrolled terms stay in registers. The input gradient has 993
+terms (~345 kFLOP and 18 kB per row), the weight gradient 410 terms (~170 kFLOP, 10 kB
+read per row, plus ~7 kB per row of per-tile partial sums written and re-read);
+second-order gradients reach ~2700 terms per kernel.
+
+Orders above 4 (and term lists above ``MAX_TERMS``) are not handled
+(:func:`why_unsupported`): the terms grow like ``dim_in ** order / order!``, and their
+second derivatives several times more, all unrolled into one kernel body.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from e3kernels.grouping import grouped_row_tiles, shared_row_tiles
+from e3kernels.irreps import SymmetricPlan
+from e3kernels.kernels._sparse_polynomial import KernelStyle, polynomial
+from e3kernels.symmetric_terms import symmetric_terms
+
+MAX_ORDER = 4
+MAX_TERMS = 4096  # beyond this the unrolled kernels (and their derivatives) compile too slowly
+
+TRITON = KernelStyle("triton")
+TRITON_INTERPRET = KernelStyle("triton", interpret=True)
+MOSAIC = KernelStyle("mosaic")
+MOSAIC_INTERPRET = KernelStyle("mosaic", interpret=pltpu.InterpretParams())
+
+
+def why_unsupported(plan: SymmetricPlan) -> str | None:
+    """Why the kernels cannot run ``plan``, or ``None`` when they can."""
+    if max(plan.orders) > MAX_ORDER:
+        return f"orders above {MAX_ORDER} unroll too many terms (got orders {plan.orders})"
+    num_terms = len(symmetric_terms(plan).polynomial.terms)
+    if num_terms > MAX_TERMS:
+        return f"{num_terms} nonzero basis terms; the unrolled kernels handle at most {MAX_TERMS}"
+    return None
+
+
+def implementations(plan: SymmetricPlan, indexed: bool) -> dict[str, Callable] | str:
+    """``{"gpu", "tpu", "interpret"}`` implementations ``f(x, weights, indices)`` of the
+    reference's signature, or the reason (:func:`why_unsupported`) there are none.
+
+    ``indexed`` needs no separate kernels (shared weights are one weight set); it is part
+    of the signature so that other ops' kernels can specialise on it. Tests reach the TPU
+    kernels on CPU with ``symmetric_contraction(..., style=MOSAIC_INTERPRET)``.
+    """
+    del indexed
+    reason = why_unsupported(plan)
+    if reason is not None:
+        return reason
+    return {
+        name: functools.partial(symmetric_contraction, plan=plan, style=style)
+        for name, style in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))
+    }
+
+
+def symmetric_contraction(x, weights, indices, *, plan: SymmetricPlan, style: KernelStyle):
+    """The reference's ``symmetric_contraction`` on ``style``'s kernels (e.g.
+    ``MOSAIC_INTERPRET`` runs the TPU kernels on CPU)."""
+    num_rows, num_channels, _ = x.shape
+    terms = symmetric_terms(plan)
+    if num_rows == 0 or num_channels == 0 or not terms.polynomial.terms:  # nothing to launch
+        return jnp.zeros((num_rows, num_channels, plan.dim_out), x.dtype)
+    coefs = _coefficient_table(terms.coefficients, weights, indexed=indices is not None)
+    if indices is None:
+        tiles = shared_row_tiles(num_rows, style.row_block)
+    else:
+        tiles = grouped_row_tiles(indices, coefs.shape[0], style.row_block)
+    (out,) = polynomial(style, terms.polynomial, float("nan"), (x.dtype,), (x,), coefs, tiles)
+    return out
+
+
+def _coefficient_table(coefficients, weights, indexed: bool) -> jax.Array:
+    """``(S, terms, C)`` float32 ``B = A W``, ``W`` the weights concatenated along ``mul``."""
+    stacked = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=-2)
+    if not indexed:
+        stacked = stacked[None]
+    a = jnp.asarray(coefficients, jnp.float32)
+    return jnp.einsum("tk,skc->stc", a, stacked, precision=jax.lax.Precision.HIGHEST)
