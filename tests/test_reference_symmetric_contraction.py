@@ -1,0 +1,160 @@
+"""The reference symmetric contraction: its unrolled (fast) path and its vectorised fallback
+against a direct dense contraction with ``plan.basis``, values and derivatives, under jit.
+
+(Parity of the whole module with e3nn-jax is in test_symmetric_tensor_product.py.)
+"""
+
+from __future__ import annotations
+
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+from e3kernels.irreps import symmetric_plan
+from e3kernels.reference import symmetric_contraction as ref
+from e3kernels.symmetric_terms import symmetric_terms
+
+PLANS = [  # irreps per channel, orders, keep
+    ("0e + 1o + 2e", (1, 2, 3), "0e + 1o"),
+    ("0e + 1o", (2, 4), "0e + 1o + 2e"),
+    ("2x0e + 1o", (1, 2), None),
+    ("1o + 1e", (1, 2, 3), "0e + 1o"),
+]
+PATHS = {"unrolled": True, "vectorized": False}
+
+
+def plan_of(irreps, orders, keep):
+    keep = None if keep is None else frozenset(ir for _, ir in e3nn.Irreps(keep))
+    return symmetric_plan(e3nn.Irreps(irreps), orders, keep)
+
+
+def dense(x, weights, indices, plan):
+    """The definition: ``sum_k W[s_n, k, c] sum_j U[j.., k, i] x[n, c, j_1] .. x[n, c, j_nu]``."""
+    out = jnp.zeros(x.shape[:2] + (plan.dim_out,), x.dtype)
+    for p, w in zip(plan.paths, weights):
+        rows = w[indices] if indices is not None else jnp.broadcast_to(w, x.shape[:1] + w.shape)
+        t = jnp.einsum("...ki,nkc->nc...i", jnp.asarray(p.basis, x.dtype), rows)
+        for _ in range(p.order):
+            t = jnp.einsum("nc...ji,ncj->nc...i", t, x)
+        out = out.at[:, :, p.out_start : p.out_start + p.ir_out.dim].add(t)
+    return out
+
+
+def contraction(path):
+    if path == "dense":
+        return dense
+    return lambda x, w, i, plan: ref._contract(x, tuple(w), i, plan, unrolled=PATHS[path])
+
+
+def inputs(plan, n=6, c=3, num=3, indexed=True, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(plan.paths) + 1)
+    x = jax.random.normal(keys[0], (n, c, plan.dim_in))
+    lead = (num,) if indexed else ()
+    weights = [jax.random.normal(k, lead + (p.mul, c)) for k, p in zip(keys[1:], plan.paths)]
+    indices = jnp.arange(n) % num if indexed else None
+    return x, weights, indices
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("indexed", [True, False])
+@pytest.mark.parametrize("irreps, orders, keep", PLANS)
+def test_matches_dense(irreps, orders, keep, indexed, path):
+    plan = plan_of(irreps, orders, keep)
+    x, weights, indices = inputs(plan, indexed=indexed)
+    f = jax.jit(contraction(path), static_argnums=3)
+    out = f(x, weights, indices, plan)
+    assert out.shape == (6, 3, plan.dim_out) and out.dtype == x.dtype
+    assert_close(out, dense(x, weights, indices, plan), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_out_of_range_rows_are_nan(path):
+    plan = plan_of(*PLANS[0])
+    x, weights, _ = inputs(plan, n=5, num=3)
+    indices = jnp.array([0, 3, -1, 2, 7])
+    out = jax.jit(contraction(path), static_argnums=3)(x, weights, indices, plan)
+    bad = np.array([False, True, True, False, True])
+    assert np.isnan(np.asarray(out[bad])).all()
+    good = jnp.array([0, 0, 0, 2, 0])
+    assert_close(out[~bad], dense(x, weights, good, plan)[~bad], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n, c", [(0, 3), (4, 0), (0, 0)])
+def test_empty(path, n, c):
+    plan = plan_of(*PLANS[0])
+    for indexed in (True, False):
+        x, weights, indices = inputs(plan, n=n, c=c, indexed=indexed)
+        out = jax.jit(contraction(path), static_argnums=3)(x, weights, indices, plan)
+        assert out.shape == (n, c, plan.dim_out)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_output_has_the_dtype_of_x(path):
+    """Computed in the promoted dtype (here float32), returned in ``x``'s."""
+    plan = plan_of(*PLANS[0])
+    x, weights, indices = inputs(plan)
+    out = jax.jit(contraction(path), static_argnums=3)(x.astype(jnp.bfloat16), weights, indices, plan)
+    assert out.dtype == jnp.bfloat16
+    expected = dense(x.astype(jnp.bfloat16).astype(jnp.float32), weights, indices, plan)
+    assert_close(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def force_loss(f, plan):
+    """An energy-and-forces style loss: its gradient is a second-order derivative of ``f``."""
+
+    def loss(weights, x, indices):
+        energy = lambda x: jnp.sum(f(x, weights, indices, plan) ** 2)
+        e, forces = jax.value_and_grad(energy)(x)
+        return e + jnp.sum(jnp.sin(x) * forces)
+
+    return loss
+
+
+@pytest.mark.parametrize("plan_args, indexed", [(PLANS[0], True), (PLANS[0], False), (PLANS[1], True)])
+def test_gradients(plan_args, indexed):
+    """First and second order gradients of both paths match autodiff of the dense form."""
+    plan = plan_of(*plan_args)
+    x, weights, indices = inputs(plan, n=5, indexed=indexed)
+
+    def gradients(f):
+        first = lambda w, x, i: jnp.sum(jnp.cos(f(x, w, i, plan)))
+        second = force_loss(f, plan)
+        return jax.grad(first, argnums=(0, 1))(weights, x, indices), jax.grad(second, argnums=(0, 1))(
+            weights, x, indices
+        )
+
+    expected = jax.tree.leaves(jax.jit(gradients, static_argnums=0)(dense))
+    for path in PATHS:
+        got = jax.tree.leaves(jax.jit(gradients, static_argnums=0)(contraction(path)))
+        for a, b in zip(got, expected):
+            assert_close(a, b, rtol=1e-4, atol=1e-4, what=path)
+
+
+def test_threshold_selects_the_path(monkeypatch):
+    plan = plan_of(*PLANS[0])
+    num_terms = len(symmetric_terms(plan).polynomial.terms)
+    x, weights, indices = inputs(plan)
+    called = []
+    for name in ("_unrolled", "_vectorized"):
+        original = getattr(ref, name)
+        spy = lambda *a, original=original, name=name: called.append(name) or original(*a)
+        monkeypatch.setattr(ref, name, spy)
+    for limit, expected in ((num_terms, "_unrolled"), (num_terms - 1, "_vectorized")):
+        monkeypatch.setattr(ref, "MAX_UNROLLED_TERMS", limit)
+        called.clear()
+        ref.symmetric_contraction(x, weights, indices, plan=plan)
+        assert set(called) == {expected}
+
+
+def test_large_plan_uses_the_fallback():
+    """A plan over the unrolling threshold (orders up to 4 on ``0e + 1o + 2e + 3o``)."""
+    plan = plan_of("0e + 1o + 2e + 3o", (1, 2, 3, 4), "0e + 1o")
+    assert len(symmetric_terms(plan).polynomial.terms) > ref.MAX_UNROLLED_TERMS
+    x, weights, indices = inputs(plan, n=3, c=2, num=2)
+    x = x / 2  # keep the order-4 products O(1)
+    out = jax.jit(ref.symmetric_contraction, static_argnames="plan")(x, weights, indices, plan=plan)
+    assert_close(out, dense(x, weights, indices, plan), rtol=1e-4, atol=1e-4)
