@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import RTOL, assert_close
+from conftest import assert_results_close
 from e3nn_jax._src.linear import FunctionalLinear
 
 from e3kernels.grouping import group_rows, num_tiles, tile_schedule
@@ -92,15 +92,6 @@ def evaluate(fn, case: Case, order: int, compiler_options=FAST_COMPILE):
 
     compiled = jax.jit(everything).lower(*case.args).compile(compiler_options)
     return compiled(*case.args)
-
-
-def assert_results_close(actual, expected, rtol=RTOL, atol=2e-5):
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
-        name = jax.tree_util.keystr(path)
-        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
-        scale = 10 if name.startswith("['second']") else 1  # through four matmuls
-        assert_close(a, b, scale * rtol, scale * atol, what=name)
 
 
 # Several blocks (one of them shared by two inputs: 3x0e and 2x0e both write 4x0e),

@@ -8,12 +8,12 @@ with float32 matmuls (no TF32), as the kernels do by default.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import median_seconds
 from test_kernel_indexed_linear import MACE, Case, evaluate
 
 from e3kernels.kernels import indexed_linear as kernels
@@ -79,13 +79,3 @@ def test_mace_timing_report():
         for name, fn in [("kernel forward", forward), ("kernel forward+backward", backward),
                          ("reference forward", reference_forward)]:
             print(f"\nindexed_linear MACE size, {name}: {median_seconds(fn, case.args) * 1e6:.1f} us")
-
-
-def median_seconds(fn, args, repeats=50):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import median_seconds
 from test_kernel_symmetric_contraction import (
     MACE_M,
     Case,
@@ -137,13 +138,3 @@ def test_mace_m_timing_report():
         run_us = median_seconds(compiled, (x, w)) * 1e6
         print(f"\nsymmetric_contraction MACE-M (N=4000, C=128, S=10), {name}: "
               f"{run_us:.1f} us (compile {compile_s:.1f} s)")
-
-
-def median_seconds(fn, args, repeats=30):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
