@@ -21,6 +21,7 @@ def _kernels():
 
     return indexed_linear
 
+
 def indexed_linear(
     x: jax.Array,
     weights: Sequence[jax.Array],
