@@ -26,8 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from e3kernels.grouping import Grouping, tile_schedule
-from e3kernels.irreps import LinearPlan
-from e3kernels.kernels._layout import Segment, output_segments
+from e3kernels.irreps import LinearPlan, Segment, output_segments
 
 #: widest chunk of a multiplicity in one dot operand (a 128 x 128 float32 tile is 64 KiB)
 MAX_CHUNK = 128

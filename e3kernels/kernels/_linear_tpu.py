@@ -20,8 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import Grouping, padded_slots, tile_schedule
-from e3kernels.irreps import LinearBlock, LinearPlan
-from e3kernels.kernels._layout import Segment, output_segments
+from e3kernels.irreps import LinearBlock, LinearPlan, Segment, output_segments
 
 #: rows per weight-gradient tile: the lane dimension of its (ir_dim, mul, rows) blocks
 WGRAD_TILE_ROWS = 128

@@ -33,17 +33,12 @@ from the tile's group in scalar prefetch (``PrefetchScalarGridSpec``). This cost
 extra passes over ``x`` and ``out`` (fused by XLA with the sort), traded for plain
 ``(rows, mul) @ (mul_in, mul_out)`` MXU matmuls on aligned blocks.
 
-Backward, as ``jax.custom_vjp`` ops that close under differentiation:
-
-* input gradient: the same grouped matmul with the transposed plan and weights
-  ``swapaxes(W, 1, 2)``; invalid rows get zero gradient (as through the reference's
-  ``where``);
-* weight gradient: a kernel writes per-tile partial sums ``sum_{n in tile, m}
-  x[n, :, m]^T g[n, :, m]``; XLA sums them by group with a one-hot matmul at float32
-  precision (deterministic, unlike a float scatter-add). This op is itself a
-  ``custom_vjp`` whose backward is two grouped matmuls (a transposed one for ``x``, a
-  forward one for ``g``), so gradients of gradients (force training) run on kernels too;
-* bias gradient: a per-index sum of the bias columns of the cotangent (one-hot matmul).
+Backward: the ``custom_vjp`` rules of ``e3kernels.grouped_linear`` (shared with the
+reference), with this module's kernels as the engine: the input gradient is the same
+grouped matmul with the transposed plan and weights, and the weight gradient a kernel
+writing per-tile partial sums ``sum_{n in tile, m} x[n, :, m]^T g[n, :, m]``, which XLA
+sums by group with a one-hot matmul at float32 precision (deterministic, unlike a float
+scatter-add). Gradients of gradients (force training) run on kernels too.
 
 Cost at the MACE size (``128x0e+128x1o+128x2e+128x3o``, S = 10, N = 4000, float32):
 2 * N * 128 * 128 * (1 + 3 + 5 + 7) = 2.1 GFLOP; bytes: x 32.8 MB + out 32.8 MB +
@@ -78,10 +73,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from e3kernels import grouped_linear
 from e3kernels.grouping import Grouping, group_rows, sum_by_group
 from e3kernels.irreps import LinearPlan
 from e3kernels.kernels import _linear_gpu, _linear_tpu
-from e3kernels.kernels._layout import transposed_plan, without_biases
 
 PLATFORMS = ("gpu", "tpu")
 
@@ -124,7 +119,7 @@ def indexed_linear(x, weights, biases, indices, *, plan: LinearPlan, platform: s
     num_groups = sets[0]
     kernels = _Kernels(platform, interpret, _matmul_precision(), num_rows, num_groups)
     grouping = group_rows(indices, num_groups)
-    return _linear(kernels, plan, True, x, weights, biases, grouping)
+    return grouped_linear.linear(kernels, plan, x, weights, biases, grouping)
 
 
 def _matmul_precision() -> lax.Precision:
@@ -178,64 +173,3 @@ class _Kernels:
             else sum_by_group(p, tile_group, self.num_groups)
             for b, p in zip(plan.blocks, partials)
         )
-
-
-# ---- the op and its gradients --------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _linear(kernels: _Kernels, plan: LinearPlan, nan_rows: bool, x, weights, biases, grouping: Grouping):
-    """The grouped matmul; rows of the invalid group are NaN (``nan_rows``) or 0 (backward)."""
-    return kernels.apply(plan, x, weights, biases, grouping, float("nan") if nan_rows else 0.0)
-
-
-def _linear_fwd(kernels, plan, nan_rows, x, weights, biases, grouping):
-    out = _linear(kernels, plan, nan_rows, x, weights, biases, grouping)
-    return out, (x, weights, biases, grouping)
-
-
-def _linear_bwd(kernels, plan, nan_rows, residuals, g):
-    x, weights, biases, grouping = residuals
-    dx = _transposed_linear(kernels, plan, g, weights, grouping)
-    dw = _weight_grad(kernels, without_biases(plan), x, g, grouping)
-    dw = tuple(d.astype(w.dtype) for d, w in zip(dw, weights))
-    db = _bias_grad(plan, kernels.num_groups, g, grouping, biases)
-    return dx, dw, db, None
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def _transposed_linear(kernels, plan, g, weights, grouping):
-    """``g -> dx``: the transposed plan with transposed weights; invalid rows get 0."""
-    weights_t = tuple(jnp.swapaxes(w, 1, 2) for w in weights)
-    return _linear(kernels, transposed_plan(plan), False, g, weights_t, (), grouping)
-
-
-def _bias_grad(plan, num_groups, g, grouping: Grouping, biases):
-    valid = (grouping.groups < num_groups)[:, None]  # NaN cotangents of invalid rows stay out
-    return tuple(
-        (b.path_weight * sum_by_group(jnp.where(valid, g[:, b.out_start : b.out_start + b.mul], 0),
-                                      grouping.groups, num_groups)).astype(bias.dtype)
-        for b, bias in zip(plan.biases, biases)
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _weight_grad(kernels: _Kernels, plan: LinearPlan, x, g, grouping: Grouping):
-    """Per-index weight gradient, float32; linear in ``x`` and in ``g``."""
-    return kernels.weight_grad(plan, x, g, grouping)
-
-
-def _weight_grad_fwd(kernels, plan, x, g, grouping):
-    return _weight_grad(kernels, plan, x, g, grouping), (x, g, grouping)
-
-
-def _weight_grad_bwd(kernels, plan, residuals, dw_bar):
-    x, g, grouping = residuals
-    dx = _transposed_linear(kernels, plan, g, dw_bar, grouping).astype(x.dtype)
-    dg = _linear(kernels, plan, False, x, tuple(dw_bar), (), grouping).astype(g.dtype)
-    return dx, dg, None
-
-
-_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
