@@ -1,4 +1,4 @@
-"""Reference (pure jax.numpy) species-indexed linear map: a sort-and-tile grouped matmul.
+"""Reference (pure jax.numpy) species-indexed linear map: a grouped matmul, tile by tile.
 
 What it computes (the specification, see :func:`e3kernels.ops.indexed_linear`): for every
 block ``b`` of the plan and every row ``n`` with ``s = indices[n]`` in ``[0, S)``::
@@ -15,43 +15,42 @@ block (1 GB at the MACE size, ``N = 4000``); a grouped matmul needs only the ``S
 
 1. Sort the rows by index once (``e3kernels.grouping.group_rows``, the sort the Pallas
    kernels use too) and cut every group into tiles of ``tile_rows`` rows that never
-   straddle two groups (``tile_schedule``); in the tile-padded layout of ``padded_slots``,
-   tile ``t`` owns slots ``t * tile_rows`` to ``(t + 1) * tile_rows``. The tile count is
-   static (``cdiv(N, tile_rows) + S``), so everything jits.
-2. Per block, gather ``x``'s rows into that layout, components first
-   (``(slots, d, mul_in)``, padding slots zero), and multiply every tile by its group's
-   weights: one batched matmul ``(tiles, tile_rows * d, mul_in) @ (tiles, mul_in,
-   mul_out)``, all components ``m`` of the block being rows of the same product. Weights
-   are gathered per tile (zero for the invalid group ``S`` and unused tiles), never per row.
-3. Gather the rows back to their original order by ``slot_of_row`` (the inverse
-   permutation), scale by ``alpha``, transpose back to the ``v * d + m`` layout, and set
-   invalid rows to NaN (a ``where``, which also gives them zero gradients). The output is
-   the concatenation of these chunks (summed where several blocks, or a bias, share one)
-   and of zero chunks for the columns no block writes.
+   straddle two groups (``tile_schedule``, ``padded_slots``): tile ``t`` holds the rows
+   ``row_of_slot[t * tile_rows : (t + 1) * tile_rows]`` (``N`` marks padding), all of one
+   group. The tile count is static (``cdiv(N, tile_rows) + S``), so everything jits.
+2. A ``lax.scan`` over the tiles: gather the tile's rows of ``x``, multiply each block by
+   the group's weights, add the group's biases, and write the rows of ``out`` (a scatter
+   into the loop carry, in place). Tiles of the invalid group and unused tiles are skipped
+   (``lax.cond``), so the work follows the tiles actually used; their rows keep the fill.
+3. Gradients: the ``custom_vjp`` rules of ``e3kernels.grouped_linear`` (shared with the
+   kernels), with this module's scans as the engine: the input gradient is step 2 with
+   the transposed plan and weights, the weight gradient a scan adding each tile's
+   ``x_t^T g_t`` into its group's slot. Gradients of any order come out of the same scans.
 
-Why this shape (measured on a 2-core CPU at the MACE size): the matmuls run at nearly
-dense speed on ``(cdiv(N, tile_rows) + S) * tile_rows`` rows (17% padding at the default
-tile size), and the rest is memory passes that XLA fuses: slice, transpose and gather of
-step 2 make one pass over ``x``; gather, scale, transpose and ``where`` of step 3 one pass
-per chunk. That memory traffic (~4x that of a plain matmul with the same FLOPs, whose
-layout needs no permutation or transpose) is most of the remaining cost. The chunks are
-concatenated rather than written in place with ``dynamic_update_slice``: under autodiff
-the latter copies the whole cotangent once per chunk, a ``concatenate`` transposes to
-slices. Everything is plain ``jax.numpy``, so gradients of any order (and forward mode)
-come from JAX autodiff: the gathers transpose to scatter-adds onto unique slots, the
-batched matmul to batched matmuls.
+Why this shape (measured on a 2-core x86 CPU, XLA:CPU, at the MACE size): every
+whole-array pass that reorders e3nn's interleaved ``(mul, ir_dim)`` layout costs as much
+as a dense matmul of the op's FLOPs, since XLA:CPU computes gather and transpose indices
+element by element over arrays far larger than the cache. A tile of 128 rows (1 MB) stays
+in cache, so its gather, transposes and scatter are cheap, and its dots (``(mul_out,
+mul_in) @ (mul_in, tile_rows * d)``) run at dense speed, where one batched matmul over all
+tiles runs on one core. Plain autodiff of the scan would add a full-size cotangent of
+``x`` once per tile, hence the ``custom_vjp``, which has no forward mode (``jax.jvp``), as
+on the Pallas backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from e3kernels.grouping import group_rows, padded_slots, tile_schedule
-from e3kernels.irreps import LinearPlan
+from e3kernels import grouped_linear
+from e3kernels.grouping import Grouping, group_rows, padded_slots, tile_schedule
+from e3kernels.irreps import LinearBlock, LinearPlan, output_segments
 
 
 def indexed_linear(
@@ -77,52 +76,106 @@ def indexed_linear(
     num_sets = params[0].shape[0]
     if n == 0 or num_sets == 0:  # no rows, or no valid index
         return jnp.full((n, plan.dim_out), jnp.nan, x.dtype)
-    tile_rows = tile_rows or default_tile_rows(n, num_sets)
-
-    grouping = group_rows(indices, num_sets)
-    tiles = tile_schedule(grouping, tile_rows)
-    slot_of_row, row_of_slot = padded_slots(grouping, tiles, tile_rows)
-    num_tiles = tiles.group.shape[0]
-
-    chunks: dict[int, list[jax.Array]] = {}  # output column -> (N, width) terms starting there
-    for b, w in zip(plan.blocks, weights):
-        d, mul_in, mul_out = b.ir_dim, b.mul_in, b.mul_out
-        xb = x[:, b.in_start : b.in_start + mul_in * d].reshape(n, mul_in, d)
-        x_tiled = jnp.take(xb.swapaxes(1, 2), row_of_slot, axis=0, mode="fill", fill_value=0)
-        w_tiled = jnp.take(w, tiles.group, axis=0, mode="fill", fill_value=0)
-        y_tiled = jnp.matmul(
-            x_tiled.reshape(num_tiles, tile_rows * d, mul_in),
-            w_tiled,
-            preferred_element_type=jnp.promote_types(jnp.result_type(x, w), jnp.float32),
-        )
-        y = y_tiled.reshape(num_tiles * tile_rows, d, mul_out)[slot_of_row]  # (N, d, mul_out)
-        chunks.setdefault(b.out_start, []).append((b.path_weight * y).swapaxes(1, 2).reshape(n, mul_out * d))
-    for b, w in zip(plan.biases, biases):
-        bias = jnp.take(w, grouping.groups, axis=0, mode="fill", fill_value=0)
-        chunks.setdefault(b.out_start, []).append(b.path_weight * bias)
-
-    column = 0  # zero chunks for the columns no block writes
-    for start, terms in sorted(chunks.items()):
-        if start > column:
-            chunks[column] = [jnp.zeros((n, start - column), x.dtype)]
-        column = start + terms[0].shape[1]
-    if column < plan.dim_out:
-        chunks[column] = [jnp.zeros((n, plan.dim_out - column), x.dtype)]
-
-    valid = (grouping.groups < num_sets)[:, None]
-    nan = jnp.array(jnp.nan, x.dtype)
-    return jnp.concatenate(
-        [jnp.where(valid, sum(t[1:], t[0]).astype(x.dtype), nan) for _, t in sorted(chunks.items())], axis=1
-    )
+    engine = TileScan(num_sets, tile_rows or default_tile_rows(n, num_sets))
+    return grouped_linear.linear(engine, plan, x, weights, biases, group_rows(indices, num_sets))
 
 
 def default_tile_rows(num_rows: int, num_sets: int) -> int:
-    """A power of two near ``3.2 * sqrt(N / S)``, between 8 and 256.
+    """A power of two near ``6.4 * sqrt(N / S)``, between 8 and 256.
 
-    Padding adds up to ``S * tile_rows`` rows to every matmul and gather, while each tile
-    copies a weight set (``cdiv(N, tile_rows) + S`` copies per block): the sum is smallest
-    near ``tile_rows ~ sqrt(N / S)``. At the MACE size (N = 4000, S = 10) this gives 64,
-    which measured best (32 at N = 800).
+    A tile wastes up to ``tile_rows - 1`` rows at the end of every group, while each tile
+    costs a loop step and a weight read: the sum is smallest near ``sqrt(N / S)``. At the
+    MACE size (N = 4000, S = 10) this gives 128, which measured best (against 64 and 256).
     """
-    target = 3.2 * math.sqrt(num_rows / num_sets)
+    target = 6.4 * math.sqrt(num_rows / num_sets)
     return min(256, max(8, 1 << round(math.log2(max(target, 1.0)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class TileScan:
+    """The engine of ``e3kernels.grouped_linear``: scans over tiles of one group each."""
+
+    num_groups: int
+    tile_rows: int
+
+    def _tiles(self, grouping: Grouping) -> tuple[jax.Array, jax.Array]:
+        """``(T, tile_rows)`` row ids per tile (``N`` for padding) and ``(T,)`` groups."""
+        tiles = tile_schedule(grouping, self.tile_rows)
+        _, row_of_slot = padded_slots(grouping, tiles, self.tile_rows)
+        return row_of_slot.reshape(-1, self.tile_rows), tiles.group
+
+    def _used(self, group: jax.Array, work, skipped):
+        """``work()`` for a tile of a valid group, ``skipped`` for the others."""
+        return lax.cond(group < self.num_groups, work, lambda: skipped)
+
+    def apply(self, plan, x, weights, biases, grouping: Grouping, fill: float):
+        n, segments = x.shape[0], output_segments(plan)
+
+        def tile(out, tile):
+            rows, group = tile
+
+            def work():
+                xt = x.at[rows].get(mode="fill", fill_value=0)
+                pieces = [_segment(plan, seg, xt, weights, biases, group) for seg in segments]
+                return jnp.concatenate(pieces, axis=1).astype(x.dtype)
+
+            values = self._used(group, work, jnp.zeros((self.tile_rows, plan.dim_out), x.dtype))
+            rows = jnp.where(group < self.num_groups, rows, n)  # skipped tiles write nothing
+            return out.at[rows].set(values, mode="drop", unique_indices=True), None
+
+        out = jnp.full((n, plan.dim_out), fill, x.dtype)
+        return lax.scan(tile, out, self._tiles(grouping))[0]
+
+    def weight_grad(self, plan, x, g, grouping: Grouping):
+        def tile(sums, tile):
+            rows, group = tile
+
+            def work():
+                xt = x.at[rows].get(mode="fill", fill_value=0)
+                gt = g.at[rows].get(mode="fill", fill_value=0)
+                return tuple(_block_outer(b, xt, gt) for b in plan.blocks)
+
+            zeros = tuple(jnp.zeros((b.mul_in, b.mul_out), jnp.float32) for b in plan.blocks)
+            parts = self._used(group, work, zeros)
+            return tuple(s.at[group].add(p, mode="drop") for s, p in zip(sums, parts)), None
+
+        sums = tuple(jnp.zeros((self.num_groups, b.mul_in, b.mul_out), jnp.float32) for b in plan.blocks)
+        return lax.scan(tile, sums, self._tiles(grouping))[0]
+
+
+def _segment(plan: LinearPlan, seg, xt, weights, biases, group) -> jax.Array:
+    """One output segment of a tile: its blocks and biases summed, in float32."""
+    rows = xt.shape[0]
+    total = jnp.zeros((rows, seg.width), jnp.float32)
+    for k in seg.blocks:
+        total = total + _block_product(plan.blocks[k], xt, weights[k][group])
+    for k in seg.biases:
+        total = total + plan.biases[k].path_weight * biases[k][group].astype(jnp.float32)
+    return total
+
+
+def _block_product(b: LinearBlock, xt, w) -> jax.Array:
+    """``(rows, mul_out * d)``: ``y[r, v, m] = alpha * sum_u x[r, u, m] w[u, v]``.
+
+    Computed as ``w^T @ x`` on ``(mul_in, rows * d)``: moving whole ``d``-vectors is all
+    the reordering e3nn's layout needs (for ``d = 1``, plain ``x @ w``).
+    """
+    rows, d = xt.shape[0], b.ir_dim
+    xb = xt[:, b.in_start : b.in_start + b.mul_in * d]
+    if d == 1:
+        y = jnp.dot(xb, w, preferred_element_type=jnp.float32)
+    else:
+        xb = xb.reshape(rows, b.mul_in, d).swapaxes(0, 1).reshape(b.mul_in, rows * d)
+        y = jnp.dot(w.T, xb, preferred_element_type=jnp.float32)
+        y = y.reshape(b.mul_out, rows, d).swapaxes(0, 1).reshape(rows, b.mul_out * d)
+    return b.path_weight * y
+
+
+def _block_outer(b: LinearBlock, xt, gt) -> jax.Array:
+    """``(mul_in, mul_out)`` float32: ``alpha * sum_{r, m} x[r, u, m] g[r, v, m]``."""
+    rows, d = xt.shape[0], b.ir_dim
+    xb = xt[:, b.in_start : b.in_start + b.mul_in * d].reshape(rows, b.mul_in, d)
+    gb = gt[:, b.out_start : b.out_start + b.mul_out * d].reshape(rows, b.mul_out, d)
+    xb = xb.swapaxes(1, 2).reshape(rows * d, b.mul_in)
+    gb = gb.swapaxes(1, 2).reshape(rows * d, b.mul_out)
+    return b.path_weight * jnp.dot(xb.T, gb, preferred_element_type=jnp.float32)
