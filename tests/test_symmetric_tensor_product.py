@@ -23,7 +23,14 @@ CASES = [  # irreps per channel, orders, keep_irrep_out
 ]
 
 
-@pytest.mark.parametrize("irreps, orders, keep", CASES)
+def with_backends(cases):
+    """Every case on the reference; on "pallas" (interpret mode, minutes at this size) all but
+    the largest, whose kernels test_kernel_symmetric_contraction.py checks against the
+    reference and e3nn directly: here only the module's wiring to the backend is at stake."""
+    return [("reference",) + c for c in cases] + [("pallas",) + c for c in cases[1:]]
+
+
+@pytest.mark.parametrize("backend, irreps, orders, keep", with_backends(CASES))
 def test_shared_weights(irreps, orders, keep, backend):
     x = e3nn.normal(irreps, KEY, (5, 3))  # 5 rows, 3 channels
     check_parity(lambda ns, **kw: ns.SymmetricTensorProduct(orders, keep, **kw), (x,), backend)
@@ -51,7 +58,7 @@ def e3nn_indexed(orders, keep, num):
     return f
 
 
-@pytest.mark.parametrize("irreps, orders, keep", CASES[:3])
+@pytest.mark.parametrize("backend, irreps, orders, keep", with_backends(CASES[:3]))
 def test_indexed_weights(irreps, orders, keep, backend):
     x = e3nn.normal(irreps, KEY, (6, 3))
     i = jnp.array([0, 2, 1, 2, 2, 0])
@@ -67,6 +74,9 @@ def test_zero_rows(backend):
     assert f.apply(f.init(KEY, i, x), i, x).shape == (0, 3, 1)
 
 
+# On the reference only: both backends match e3nn (above), so equivariance is a property of
+# the op, checked once; interpret mode would take a minute at this size.
+@pytest.mark.parametrize("backend", ["reference"])
 @pytest.mark.parametrize("indexed", [False, True])
 def test_equivariance(indexed, backend):
     x = e3nn.normal("0e + 1o + 1e + 2e", KEY, (4, 3))
