@@ -66,7 +66,10 @@ def run_interleaved(
 
     Interleaving spreads machine noise (other processes, thermal drift) evenly over the
     candidates, so their ratios stay meaningful on a shared machine. Each timing is the
-    mean of enough back-to-back calls to last ``min_seconds``.
+    mean of enough back-to-back calls to last ``min_seconds``, after one untimed call:
+    right after a candidate with gigabytes of temporaries (e3nn-jax, cuequivariance), the
+    first calls of a fast one ran up to 5x slower (the dense matmul's median went from
+    ~26 to 129 ms), which measured the order of the round rather than the candidate.
     """
     calls = {}
     for measured, compiled, args in jobs:
@@ -81,6 +84,7 @@ def run_interleaved(
         for k in order:
             measured, compiled, args = jobs[k]
             n = calls[id(measured)]
+            _block(compiled(*args))  # settle after the previous candidate, untimed
             start = time.perf_counter()
             for _ in range(n):
                 out = compiled(*args)
