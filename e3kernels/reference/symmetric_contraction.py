@@ -112,9 +112,9 @@ def _unrolled(x, w, indices, plan: SymmetricPlan):
       and a transpose. Split along the last axis, XLA fused the whole second-order graph
       of every plane into the loop that assembles ``x``'s cotangent, which in force
       training also takes in the paddings of e3nn's ``IrrepsArray.chunks`` upstream
-      (``mul_to_axis``), recomputing it per element: the MACE block's training step
-      (``make bench``, N = 1000) took 976 ms against 384 ms, and 100 s against 25 s to
-      compile.
+      (``mul_to_axis``), recomputing it per element: the training step of the MACE block
+      in ``bench/workloads.py``, at N = 1000, took 976 ms against 384 ms, and 100 s
+      against 25 s to compile.
     * Each ``W[s_n, k]`` is gathered on its own, ``(N, C)``, which XLA fuses into the loops
       using it; one ``(N, K, C)`` gather is materialised, and its gradient assembled, whole
       (forward and backward ~2x slower).
