@@ -18,6 +18,8 @@ any order (force training differentiates twice) run on the engine's own code:
 * bias gradient: a per-index sum of the bias columns of the cotangent (one-hot matmul).
 
 Engines are static (hashable); ``engine.num_groups`` is the number of weight sets ``S``.
+:func:`indexed_linear` is both backends' entry: it settles the degenerate sizes, sorts the
+rows by index and builds the engine for the sizes it sees.
 A ``custom_vjp`` has no forward-mode (``jax.jvp``) rule: reverse mode only, on every backend.
 """
 
@@ -28,8 +30,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from e3kernels.grouping import Grouping, sum_by_group
+from e3kernels.grouping import Grouping, group_rows, sum_by_group
 from e3kernels.irreps import LinearPlan, transposed_plan, without_biases
+
+
+def indexed_linear(make_engine, plan: LinearPlan, x, weights, biases, indices):
+    """Both backends' ``indexed_linear``: the degenerate sizes, then :func:`linear` on rows
+    grouped by index, through ``make_engine(num_rows, num_sets)``.
+
+    No weights or biases at all: zeros (nothing is selected by index, so no row is invalid).
+    No rows: an empty output. No weight sets (``S = 0``): every row is invalid, so NaN.
+    """
+    weights, biases = tuple(weights), tuple(biases)
+    num_rows, params = x.shape[0], weights + biases
+    if not params:
+        return jnp.zeros((num_rows, plan.dim_out), x.dtype)
+    num_sets = params[0].shape[0]
+    if num_rows == 0 or num_sets == 0:
+        return jnp.full((num_rows, plan.dim_out), jnp.nan, x.dtype)
+    grouping = group_rows(indices, num_sets)
+    return linear(make_engine(num_rows, num_sets), plan, x, weights, biases, grouping)
 
 
 def linear(engine, plan: LinearPlan, x, weights, biases, grouping: Grouping):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_results_close
+from conftest import assert_results_close, assert_trees_close
 from e3nn_jax._src.linear import FunctionalLinear
 
 from e3kernels.grouping import group_rows, num_tiles, tile_schedule
@@ -127,6 +127,19 @@ def test_out_of_range_indices_give_nan_rows(style):
     for leaf in jax.tree_util.tree_leaves((ours["grad"], ours["second"])):
         assert np.isfinite(np.asarray(leaf)).all()  # invalid rows never leak into gradients
     assert_results_close(ours, evaluate(functools.partial(reference, plan=case.plan), case, 2))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_no_weight_sets_gives_nan_rows(style):
+    # S = 0: no index is in range, so every row is NaN on both backends (the shared entry,
+    # grouped_linear.indexed_linear, settles it before any tile size is chosen)
+    case = Case("2x0e + 1o", "0e + 1o", 0, 5, biases=True, indices=[0, 1, 0, 2, -1])
+    ours = evaluate(kernel_fn(style, case.plan), case, 1)
+    expected = evaluate(functools.partial(reference, plan=case.plan), case, 1)
+    assert ours["out"].shape == (5, 4) and np.isnan(np.asarray(ours["out"])).all()
+    assert np.isnan(np.asarray(expected["out"])).all()
+    assert_trees_close(ours["grad"], expected["grad"])
+    assert not np.asarray(ours["grad"][0]).any()  # nothing reaches x
 
 
 @pytest.mark.parametrize("style", STYLES)

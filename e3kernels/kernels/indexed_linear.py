@@ -74,7 +74,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from e3kernels import grouped_linear
-from e3kernels.grouping import Grouping, group_rows, sum_by_group
+from e3kernels.grouping import Grouping, sum_by_group
 from e3kernels.irreps import LinearPlan
 from e3kernels.kernels import _linear_gpu, _linear_tpu
 
@@ -111,15 +111,9 @@ def indexed_linear(x, weights, biases, indices, *, plan: LinearPlan, platform: s
     """
     if platform not in PLATFORMS:
         raise ValueError(f"indexed_linear: platform must be one of {PLATFORMS}; got {platform!r}")
-    weights, biases = tuple(weights), tuple(biases)
-    num_rows = x.shape[0]
-    sets = [a.shape[0] for a in weights + biases]
-    if num_rows == 0 or not sets:  # nothing to launch; no weights means no NaN rows either
-        return jnp.zeros((num_rows, plan.dim_out), x.dtype)
-    num_groups = sets[0]
-    kernels = _Kernels(platform, interpret, _matmul_precision(), num_rows, num_groups)
-    grouping = group_rows(indices, num_groups)
-    return grouped_linear.linear(kernels, plan, x, weights, biases, grouping)
+    precision = _matmul_precision()
+    make_engine = lambda num_rows, num_sets: _Kernels(platform, interpret, precision, num_rows, num_sets)
+    return grouped_linear.indexed_linear(make_engine, plan, x, weights, biases, indices)
 
 
 def _matmul_precision() -> lax.Precision:

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from e3kernels import grouped_linear
-from e3kernels.grouping import Grouping, group_rows, padded_slots, tile_schedule
+from e3kernels.grouping import Grouping, padded_slots, tile_schedule
 from e3kernels.irreps import LinearBlock, LinearPlan, output_segments
 
 
@@ -69,16 +69,10 @@ def indexed_linear(
     ``(S, mul)`` for ``plan.biases[k]``; ``indices``: ``(N,)`` integers. ``tile_rows``
     (static) defaults to :func:`default_tile_rows`; the result does not depend on it.
     """
-    weights, biases = tuple(weights), tuple(biases)
-    n = x.shape[0]
-    params = weights + biases
-    if not params:  # nothing is selected by index, so no row can be invalid
-        return jnp.zeros((n, plan.dim_out), x.dtype)
-    num_sets = params[0].shape[0]
-    if n == 0 or num_sets == 0:  # no rows, or no valid index
-        return jnp.full((n, plan.dim_out), jnp.nan, x.dtype)
-    engine = TileScan(num_sets, tile_rows or default_tile_rows(n, num_sets))
-    return grouped_linear.linear(engine, plan, x, weights, biases, group_rows(indices, num_sets))
+    def make_engine(num_rows: int, num_sets: int) -> TileScan:
+        return TileScan(num_sets, tile_rows or default_tile_rows(num_rows, num_sets))
+
+    return grouped_linear.indexed_linear(make_engine, plan, x, weights, biases, indices)
 
 
 def default_tile_rows(num_rows: int, num_sets: int) -> int:
