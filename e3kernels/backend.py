@@ -11,8 +11,9 @@ Three names exist:
   kernel exists for the op, ``"reference"`` everywhere else.
 
 The setting is read when an op is *traced* and ``"auto"`` is resolved when it is
-*lowered*, per lowering platform (through :func:`jax.lax.platform_dependent`): a function
-lowered or exported for CUDA from a CPU host gets the CUDA implementation.
+*lowered*, per lowering platform (:mod:`e3kernels.dispatch`): a function lowered or
+exported for CUDA from a CPU host gets the CUDA implementation, and lowering traces only
+the implementation of the platform lowered for.
 
 Precedence, most specific first:
 
@@ -39,16 +40,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 
+from e3kernels import dispatch
+
 BACKENDS = ("auto", "reference", "pallas")
 ENV_VAR = "E3KERNELS_BACKEND"
-
-GPU_PLATFORMS = ("cuda", "rocm")
-TPU_PLATFORMS = ("tpu",)
 
 
 def validate_backend(name: Any, argument: str = "backend") -> str:
@@ -108,7 +108,8 @@ def select(
     op: str,
     backend: str | None,
     reference: Callable[..., Any],
-    kernels: Callable[[], dict[str, Callable[..., Any]] | str],
+    kernels: Callable[[], Mapping[str, Callable[..., Any] | str] | str],
+    out: jax.ShapeDtypeStruct,
 ) -> Callable[..., Any]:
     """Choose the implementation of ``op`` for ``backend``; the single dispatch point.
 
@@ -118,27 +119,46 @@ def select(
       reference: the ``jax.numpy`` implementation.
       kernels: called only when a kernel may be used (so the reference path never imports
         or plans kernels); returns the kernel implementations keyed ``"gpu"``, ``"tpu"`` and
-        ``"interpret"`` (CPU), or a string saying why no kernel handles this call.
+        ``"interpret"`` (CPU), each a function or a string saying why no kernel handles
+        this call on that platform; or one string saying why no kernel handles it at all.
+      out: the shape and dtype of the op's output, the same for every implementation.
 
     Returns:
-      A function with the signature of ``reference``.
+      A function with the signature of ``reference`` that binds the op through
+      :func:`e3kernels.dispatch.call`: lowering traces only the implementation of the
+      platform lowered for, and every backend composes with JAX's transformations the
+      same way (``"reference"`` is the reference on every platform).
     """
     name = resolve_backend(backend)
-    if name == "reference":
-        return reference
-    pallas = kernels()
-    if isinstance(pallas, str):
-        if name == "auto":
-            return reference
+    family = {"cpu": "reference", "cuda": "reference", "rocm": "reference", "tpu": "reference"}
+    if name != "reference":
+        pallas = kernels()
+        if isinstance(pallas, str):
+            if name == "pallas":
+                raise NotImplementedError(
+                    f"{op}: backend 'pallas' has no kernel for this call: {pallas}. "
+                    "Use backend='reference' or 'auto'."
+                )
+        else:
+            family = {"cpu": "interpret", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+            if name == "auto":
+                family["cpu"] = "reference"
+    implementations = {}
+    for platform, kind in family.items():
+        chosen = reference if kind == "reference" else pallas[kind]
+        if isinstance(chosen, str):
+            chosen = reference if name == "auto" else _refusal(op, platform, chosen)
+        implementations[platform] = chosen
+    return lambda *args: dispatch.call(op, implementations, out, args)
+
+
+def _refusal(op: str, platform: str, reason: str) -> Callable[..., Any]:
+    """An implementation that refuses, when lowered for ``platform``, saying why."""
+
+    def refuse(*args):
         raise NotImplementedError(
-            f"{op}: backend 'pallas' has no kernel for this call: {pallas}. "
+            f"{op}: backend 'pallas' has no {platform} kernel for this call: {reason}. "
             "Use backend='reference' or 'auto'."
         )
-    gpu, tpu, interpret = pallas["gpu"], pallas["tpu"], pallas["interpret"]
 
-    def by_platform(*args):
-        per_platform = {p: gpu for p in GPU_PLATFORMS} | {p: tpu for p in TPU_PLATFORMS}
-        cpu = reference if name == "auto" else interpret
-        return jax.lax.platform_dependent(*args, cpu=cpu, default=cpu, **per_platform)
-
-    return by_platform
+    return refuse

@@ -5,8 +5,8 @@ and differ only in how they evaluate two linear maps, supplied by an *engine*:
 
 * ``engine.apply(plan, x, weights, biases, grouping, fill)``: the op itself, ``(N, dim_out)``
   of ``x``'s dtype, rows of the invalid group set to ``fill``;
-* ``engine.weight_grad(plan, x, g, grouping)``: per block, the float32 ``(S, mul_in,
-  mul_out)`` sum ``path_weight * sum_{n in s, m} x[n, :, m]^T g[n, :, m]``.
+* ``engine.weight_grad(plan, x, g, grouping)``: per block, the ``(S, mul_in, mul_out)``
+  sum (float32, or float64 for float64 inputs) ``path_weight * sum_{n in s, m} x[n, :, m]^T g[n, :, m]``.
 
 The rules below are ``jax.custom_vjp``s that close under differentiation, so gradients of
 any order (force training differentiates twice) run on the engine's own code:
@@ -97,7 +97,7 @@ def _bias_grad(plan, num_groups, g, grouping: Grouping, biases):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _weight_grad(engine, plan: LinearPlan, x, g, grouping: Grouping):
-    """Per-index weight gradient, float32; linear in ``x`` and in ``g``."""
+    """Per-index weight gradient in the accumulation dtype; linear in ``x`` and in ``g``."""
     return engine.weight_grad(plan, x, g, grouping)
 
 

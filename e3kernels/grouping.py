@@ -108,14 +108,17 @@ def one_hot_groups(groups: jax.Array, num_groups: int) -> jax.Array:
 
 
 def sum_by_group(values: jax.Array, groups: jax.Array, num_groups: int) -> jax.Array:
-    """``out[s] = sum of values[i] over i with groups[i] == s``, deterministic, in float32.
+    """``out[s] = sum of values[i] over i with groups[i] == s``, deterministic, in float32
+    (float64 for float64 values).
 
-    A one-hot matmul at full float32 precision rather than a scatter-add: scatter-adds of
+    A one-hot matmul at full precision rather than a scatter-add: scatter-adds of
     floats are not deterministic on GPU, and the sums here are small (tiles or bias columns).
     Entries of the dropped group must be finite (they are multiplied by zero).
     """
-    flat = values.reshape(values.shape[0], -1).astype(jnp.float32)
-    summed = jnp.dot(one_hot_groups(groups, num_groups).T, flat, precision=jax.lax.Precision.HIGHEST)
+    acc = jnp.promote_types(jnp.float32, values.dtype)
+    flat = values.reshape(values.shape[0], -1).astype(acc)
+    one_hot = one_hot_groups(groups, num_groups).astype(acc)
+    summed = jnp.dot(one_hot.T, flat, precision=jax.lax.Precision.HIGHEST)
     return summed.reshape((num_groups,) + values.shape[1:])
 
 class RowTiles(NamedTuple):

@@ -91,6 +91,20 @@ class LinearPlan:
         return tuple((num_indexed_weights, b.mul) for b in self.biases)
 
 
+def linear_plan(irreps_in, irreps_out, *, biases: bool = False, **options) -> LinearPlan:
+    """The plan of e3nn's ``FunctionalLinear(irreps_in, irreps_out, biases, **options)``
+    (irreps or strings; ``options``: ``instructions``, ``path_normalization``,
+    ``gradient_normalization``), for :func:`e3kernels.ops.indexed_linear`. Output irreps no
+    input reaches stay, as zero columns (``Linear`` drops them first: ``filter``).
+
+    >>> plan = linear_plan("2x0e + 1o", "0e + 1o", biases=True)
+    >>> [(b.mul_in, b.mul_out, b.ir_dim) for b in plan.blocks], [b.mul for b in plan.biases]
+    ([(2, 1, 1), (1, 1, 3)], [1])
+    """
+    lin = FunctionalLinear(e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_out), biases=biases, **options)
+    return LinearPlan.from_functional_linear(lin)
+
+
 # ---- output columns of a LinearPlan, shared by the reference and the kernels ----------
 
 
@@ -199,6 +213,20 @@ class SymmetricPlan:
     @property
     def dim_out(self) -> int:
         return self.irreps_out.dim
+
+
+def symmetric_contraction_plan(irreps_in, orders, keep_irrep_out=None) -> SymmetricPlan:
+    """The plan of ``e3nn.haiku.SymmetricTensorProduct(orders, keep_irrep_out)`` on inputs
+    of irreps ``irreps_in`` per channel (irreps or strings), for
+    :func:`e3kernels.ops.symmetric_contraction`.
+
+    >>> plan = symmetric_contraction_plan("0e + 1o", (1, 2), keep_irrep_out="0e")
+    >>> [(p.parameter_name, p.mul) for p in plan.paths]
+    [('w2_0e', 2), ('w1_0e', 1)]
+    """
+    if keep_irrep_out is not None:
+        keep_irrep_out = frozenset(ir for _, ir in e3nn.Irreps(keep_irrep_out))
+    return symmetric_plan(e3nn.Irreps(irreps_in), tuple(orders), keep_irrep_out)
 
 
 @functools.cache

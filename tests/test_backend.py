@@ -67,10 +67,11 @@ FAKE_KERNELS = dict(
     gpu=lambda x: x * 2.0, tpu=lambda x: x * 3.0, interpret=lambda x: x * 4.0
 )
 reference = lambda x: x + 1.0
+SCALAR = jax.ShapeDtypeStruct((), jnp.float32)
 
 
 def _lowered(name, platform):
-    f = lambda x: backend.select("op", name, reference, lambda: FAKE_KERNELS)(x)
+    f = lambda x: backend.select("op", name, reference, lambda: FAKE_KERNELS, SCALAR)(x)
     return jax.jit(f).trace(jnp.float32(1)).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -92,7 +93,7 @@ def test_auto_resolves_per_lowering_platform(name, platform, constant):
 
 
 def test_resolution_follows_the_setting_at_trace_time():
-    f = lambda x: backend.select("op", None, reference, lambda: FAKE_KERNELS)(x)
+    f = lambda x: backend.select("op", None, reference, lambda: FAKE_KERNELS, SCALAR)(x)
     with e3kernels.use_backend("pallas"):
         assert float(f(jnp.float32(1))) == 4.0
     with e3kernels.use_backend("reference"):
@@ -103,12 +104,66 @@ def test_resolution_follows_the_setting_at_trace_time():
 def test_pallas_without_kernel_is_an_error_auto_falls_back():
     match = r"my_op: backend 'pallas' has no kernel for this call: orders > 4"
     with pytest.raises(NotImplementedError, match=match):
-        backend.select("my_op", "pallas", reference, lambda: "orders > 4")
-    assert backend.select("my_op", "auto", reference, lambda: "orders > 4") is reference
+        backend.select("my_op", "pallas", reference, lambda: "orders > 4", SCALAR)
+    auto = backend.select("my_op", "auto", reference, lambda: "orders > 4", SCALAR)
+    for platform in ("cpu", "cuda", "tpu"):
+        text = jax.jit(auto).trace(jnp.float32(1)).lower(lowering_platforms=(platform,)).as_text()
+        assert "1.000000e+00" in text  # x + 1: the reference
 
 
 def test_reference_never_asks_for_kernels():
     def no_kernels():
         raise AssertionError("the reference path must not plan kernels")
 
-    assert backend.select("my_op", "reference", reference, no_kernels) is reference
+    f = backend.select("my_op", "reference", reference, no_kernels, SCALAR)
+    assert float(f(jnp.float32(1))) == 2.0
+
+
+def _recording_kernels():
+    """Fake kernels that record which ones were traced."""
+    traced = []
+
+    def make(name, result):
+        def f(x):
+            traced.append(name)
+            return x * result
+
+        return f
+
+    kernels = dict(gpu=make("gpu", 2.0), tpu=make("tpu", 3.0), interpret=make("interpret", 4.0))
+    return traced, kernels
+
+
+@pytest.mark.parametrize("platform, expected", [("cpu", []), ("cuda", ["gpu"]), ("tpu", ["tpu"])])
+def test_lowering_traces_only_the_platform_lowered_for(platform, expected):
+    traced, kernels = _recording_kernels()
+
+    def f(x):
+        return backend.select("op", "auto", reference, lambda: kernels, SCALAR)(x)
+
+    grad = jax.jit(jax.grad(jax.grad(f)))
+    traced_program = grad.trace(jnp.float32(1))
+    assert traced == []  # tracing binds the op; no implementation is traced yet
+    traced_program.lower(lowering_platforms=(platform,))
+    assert set(traced) == set(expected)
+
+
+def test_multi_platform_lowering_carries_each_platform_implementation():
+    traced, kernels = _recording_kernels()
+    f = lambda x: backend.select("op", "auto", reference, lambda: kernels, SCALAR)(x)
+    text = jax.jit(f).trace(jnp.float32(1)).lower(lowering_platforms=("cuda", "tpu", "cpu")).as_text()
+    assert set(traced) == {"gpu", "tpu"}
+    for constant in ("1.000000e+00", "2.000000e+00", "3.000000e+00"):  # reference, gpu, tpu
+        assert constant in text
+    assert "4.000000e+00" not in text  # interpret mode is not part of "auto"
+
+
+def test_pallas_refuses_per_platform_when_lowered_there():
+    kernels = dict(FAKE_KERNELS, tpu="no float64 on TPU")
+    f = lambda x: backend.select("op", "pallas", reference, lambda: kernels, SCALAR)(x)
+    jax.jit(f).trace(jnp.float32(1)).lower(lowering_platforms=("cuda",))  # fine
+    with pytest.raises(NotImplementedError, match=r"op: backend 'pallas' has no tpu kernel.*no float64"):
+        jax.jit(f).trace(jnp.float32(1)).lower(lowering_platforms=("tpu",))
+    g = lambda x: backend.select("op", "auto", reference, lambda: kernels, SCALAR)(x)
+    text = jax.jit(g).trace(jnp.float32(1)).lower(lowering_platforms=("tpu",)).as_text()
+    assert "1.000000e+00" in text  # auto: the reference where no kernel handles the call

@@ -20,6 +20,8 @@ from e3kernels.irreps import LinearPlan, linear_parameter_name
 from e3kernels.kernels import indexed_linear as kernels
 from e3kernels.reference.indexed_linear import indexed_linear as reference
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
 STYLES = ["gpu", "tpu"]
 MACE = "128x0e + 128x1o + 128x2e + 128x3o"
 #: interpret-mode programs are large and run once: LLVM optimisation would cost more than it saves
@@ -29,7 +31,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 def kernel_fn(style: str, plan: LinearPlan):
     """The GPU style through the public ``implementations``; the TPU one in its interpreter."""
     if style == "gpu":
-        return kernels.implementations(plan)["interpret"]
+        return kernels.implementations(plan, HIGHEST, jnp.float32)["interpret"]
     return functools.partial(kernels.indexed_linear, plan=plan, platform="tpu", interpret=True)
 
 
@@ -186,7 +188,7 @@ def test_zero_rows(style):
 
 def test_implementations_keys_and_platform_check():
     plan = Case("0e", "0e", 1, 1).plan
-    assert set(kernels.implementations(plan)) == {"gpu", "tpu", "interpret"}
+    assert set(kernels.implementations(plan, HIGHEST, jnp.float32)) == {"gpu", "tpu", "interpret"}
     with pytest.raises(ValueError, match="platform must be one of"):
         kernels.indexed_linear(jnp.ones((1, 1)), (jnp.ones((1, 1, 1)),), (), jnp.zeros(1, jnp.int32),
                                plan=plan, platform="cuda")
@@ -230,7 +232,7 @@ def shapes(irreps, num_sets, num_rows, dtype=jnp.float32):
 @pytest.mark.parametrize("size", [(MACE, 10, 4000), ("3x0e + 5x1o + 100x2e", 3, 37)], ids=["mace", "odd"])
 def test_lowers_forward_and_vjp(platform, size):
     plan, args = shapes(*size)
-    impl = kernels.implementations(plan)["gpu" if platform == "cuda" else "tpu"]
+    impl = kernels.implementations(plan, HIGHEST, jnp.float32)["gpu" if platform == "cuda" else "tpu"]
 
     def forward_and_vjp(x, weights, biases, indices):
         out, vjp = jax.vjp(lambda *a: impl(*a, indices), x, weights, biases)
@@ -243,7 +245,7 @@ def test_lowers_forward_and_vjp(platform, size):
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowers_second_order_bfloat16(platform):
     plan, args = shapes("7x0e + 96x1o", 2, 50, jnp.bfloat16)
-    impl = kernels.implementations(plan)["gpu" if platform == "cuda" else "tpu"]
+    impl = kernels.implementations(plan, HIGHEST, jnp.float32)["gpu" if platform == "cuda" else "tpu"]
 
     def second(x, weights, biases, indices):
         loss = lambda x, w: jnp.sum(impl(x, w, biases, indices).astype(jnp.float32) ** 2)

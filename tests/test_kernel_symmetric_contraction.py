@@ -231,15 +231,16 @@ def test_zero_rows_launch_nothing(num_indexed):
 def test_backend_dispatch_runs_the_interpret_kernel():
     case = CASES[0]
     x, w, i = inputs(case)
-    impls = kernels.implementations(case.plan, indexed=True)
+    impls = kernels.implementations(case.plan, jnp.float32)
     assert set(impls) == {"gpu", "tpu", "interpret"}
-    f = backend.select("symmetric_contraction", "pallas", reference_fn(case), lambda: impls)
+    out = jax.ShapeDtypeStruct(x.shape[:2] + (case.plan.dim_out,), x.dtype)
+    f = backend.select("symmetric_contraction", "pallas", reference_fn(case), lambda: impls, out)
     assert_matches(run(f, x, w, i), oracle(case, "reference"))
 
 
 def test_unsupported_orders():
     plan = symmetric_plan(e3nn.Irreps("0e + 1o"), (1, 5), None)
-    assert "orders above 4" in kernels.implementations(plan, indexed=False)
+    assert "orders above 4" in kernels.implementations(plan, jnp.float32)
     x, w = jnp.ones((2, 3, plan.dim_in)), [jnp.ones((p.mul, 3)) for p in plan.paths]
     with pytest.raises(NotImplementedError, match=r"symmetric_contraction: .* orders above 4"):
         ops.symmetric_contraction(x, w, plan, backend="pallas")

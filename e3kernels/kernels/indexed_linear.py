@@ -56,11 +56,11 @@ so the partials (42 tiles x 64 KiB per block) stay small against ``x``. TPU: til
 16 to 128 rows, so the per-``m`` matmul is (128, 128) @ (128, 128) at the MACE size; the
 weight gradient uses 128-row tiles (the lane dimension of its ``(d, mul, rows)`` blocks).
 
-Precision: float32 operands are multiplied at ``Precision.HIGHEST`` (IEEE float32, no
-TF32), so results match the reference at float32 round-off, unless the caller opted into
-faster matmuls with ``jax.default_matmul_precision("tensorfloat32")`` (or ``"bfloat16"``),
-which is honoured (TF32 on GPU, bf16 passes on TPU). bfloat16 operands multiply in
-bfloat16; accumulation is float32 and the output has ``x``'s dtype.
+Precision: JAX's contract, as the reference: float32 operands are multiplied at the
+op's ``precision`` (``DEFAULT``: TF32 on GPU, one bfloat16 pass on TPU; ``HIGH``: 3xTF32
+or three passes; ``HIGHEST``: IEEE float32). 16-bit operands multiply in their dtype;
+accumulation is float32 and the output has ``x``'s dtype. float64 has no kernel (the
+reference runs it, in float64).
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -81,23 +80,27 @@ from e3kernels.kernels import _linear_gpu, _linear_tpu
 PLATFORMS = ("gpu", "tpu")
 
 
-def implementations(plan: LinearPlan) -> dict[str, Callable]:
-    """The kernels for ``plan``: ``{"gpu", "tpu", "interpret"}`` -> ``f(x, weights, biases, indices)``.
+def implementations(plan: LinearPlan, precision: lax.Precision, dtype) -> dict[str, Callable] | str:
+    """The kernels for ``plan``: ``{"gpu", "tpu", "interpret"}`` -> ``f(x, weights, biases, indices)``,
+    or why none handles inputs of ``dtype`` (float64).
 
     ``"interpret"`` is the GPU-style kernel in Pallas interpret mode (what backend
     ``"pallas"`` runs on CPU); tests reach the TPU-style kernel in interpret mode with
     ``indexed_linear(..., platform="tpu", interpret=True)``. Every plan is handled (empty
-    blocks, zero multiplicities and bias-only plans included), so this never returns a reason.
+    blocks, zero multiplicities and bias-only plans included).
     """
+    if jnp.dtype(dtype) == jnp.float64:
+        return "float64 inputs run on the reference (the kernels accumulate in float32)"
+    options = dict(plan=plan, precision=precision)
     return {
-        "gpu": functools.partial(indexed_linear, plan=plan, platform="gpu"),
-        "tpu": functools.partial(indexed_linear, plan=plan, platform="tpu"),
-        "interpret": functools.partial(indexed_linear, plan=plan, platform="gpu", interpret=True),
+        "gpu": functools.partial(indexed_linear, platform="gpu", **options),
+        "tpu": functools.partial(indexed_linear, platform="tpu", **options),
+        "interpret": functools.partial(indexed_linear, platform="gpu", interpret=True, **options),
     }
 
 
 def indexed_linear(x, weights, biases, indices, *, plan: LinearPlan, platform: str = "gpu",
-                   interpret: bool = False):
+                   precision: lax.Precision = lax.Precision.DEFAULT, interpret: bool = False):
     """Drop-in for the reference ``indexed_linear`` running the ``platform`` kernels.
 
     Args:
@@ -107,23 +110,13 @@ def indexed_linear(x, weights, biases, indices, *, plan: LinearPlan, platform: s
       indices: ``(N,)`` integers; rows outside ``[0, S)`` come out NaN.
       plan: the static :class:`~e3kernels.irreps.LinearPlan`.
       platform: ``"gpu"`` (Triton lowering) or ``"tpu"`` (Mosaic).
+      precision: of the float32 dots (see the module doc).
       interpret: run the kernels in Pallas interpret mode (on any backend, e.g. CPU).
     """
     if platform not in PLATFORMS:
         raise ValueError(f"indexed_linear: platform must be one of {PLATFORMS}; got {platform!r}")
-    precision = _matmul_precision()
     make_engine = lambda num_rows, num_sets: _Kernels(platform, interpret, precision, num_rows, num_sets)
     return grouped_linear.indexed_linear(make_engine, plan, x, weights, biases, indices)
-
-
-def _matmul_precision() -> lax.Precision:
-    """Full float32 unless the caller asked for faster matmuls (read at trace time)."""
-    setting = jax.config.jax_default_matmul_precision
-    if setting in ("bfloat16", "fastest", "default"):
-        return lax.Precision.DEFAULT
-    if setting in ("tensorfloat32", "high"):
-        return lax.Precision.HIGH
-    return lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)

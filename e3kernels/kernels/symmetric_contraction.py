@@ -67,15 +67,14 @@ def why_unsupported(plan: SymmetricPlan) -> str | None:
     return None
 
 
-def implementations(plan: SymmetricPlan, indexed: bool) -> dict[str, Callable] | str:
+def implementations(plan: SymmetricPlan, dtype) -> dict[str, Callable] | str:
     """``{"gpu", "tpu", "interpret"}`` implementations ``f(x, weights, indices)`` of the
     reference's signature, or the reason (:func:`why_unsupported`) there are none.
 
-    ``indexed`` needs no separate kernels (shared weights are one weight set); it is part
-    of the signature so that other ops' kernels can specialise on it. Tests reach the TPU
-    kernels on CPU with ``symmetric_contraction(..., style=MOSAIC_INTERPRET)``.
+    Tests reach the TPU kernels on CPU with ``symmetric_contraction(..., style=MOSAIC_INTERPRET)``.
     """
-    del indexed
+    if jnp.dtype(dtype) == jnp.float64:
+        return "float64 inputs run on the reference (the kernels accumulate in float32)"
     reason = why_unsupported(plan)
     if reason is not None:
         return reason

@@ -1,7 +1,11 @@
 """Functional ops. Each validates its inputs and dispatches, at trace time, to
-``e3kernels.reference`` or ``e3kernels.kernels`` through :mod:`e3kernels.backend`."""
+``e3kernels.reference`` or ``e3kernels.kernels`` through :mod:`e3kernels.backend`.
 
+Their static plans come from irreps: :func:`linear_plan` and :func:`symmetric_contraction_plan`.
+"""
+
+from e3kernels.irreps import linear_plan, symmetric_contraction_plan
 from e3kernels.ops.indexed_linear import indexed_linear
 from e3kernels.ops.symmetric_contraction import symmetric_contraction
 
-__all__ = ["indexed_linear", "symmetric_contraction"]
+__all__ = ["indexed_linear", "linear_plan", "symmetric_contraction", "symmetric_contraction_plan"]

@@ -6,6 +6,8 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from e3kernels import backend as _backend
 from e3kernels.irreps import LinearPlan
@@ -29,6 +31,7 @@ def indexed_linear(
     plan: LinearPlan,
     *,
     biases: Sequence[jax.Array] = (),
+    precision: lax.PrecisionLike = None,
     backend: str | None = None,
 ) -> jax.Array:
     r"""Apply, to every row, the linear map selected by that row's index.
@@ -50,15 +53,18 @@ def indexed_linear(
         ValueError; traced ones give rows of NaN (never another species' weights).
       plan: the static :class:`~e3kernels.irreps.LinearPlan`.
       biases: one ``(S, mul)`` array per ``plan.biases``.
+      precision: of the matmuls, as in :func:`jax.numpy.dot`: ``None`` (JAX's default, or
+        the ``jax.default_matmul_precision`` in force), ``"default"``, ``"high"``,
+        ``"highest"`` or a :class:`jax.lax.Precision`; the same on every backend.
       backend: ``"auto"``, ``"reference"``, ``"pallas"`` or ``None`` (current setting).
 
     Returns:
-      ``(N, plan.dim_out)`` array of ``x``'s dtype.
+      ``(N, plan.dim_out)`` array of ``x``'s dtype, accumulated in float32 (float64 for
+      float64 inputs). 16-bit inputs and weights multiply in their dtype.
 
-    >>> import jax.numpy as jnp, e3nn_jax as e3nn
-    >>> from e3nn_jax._src.linear import FunctionalLinear
-    >>> from e3kernels.irreps import LinearPlan
-    >>> plan = LinearPlan.from_functional_linear(FunctionalLinear("2x0e", "1x0e"))
+    >>> import jax.numpy as jnp
+    >>> from e3kernels.ops import linear_plan
+    >>> plan = linear_plan("2x0e", "1x0e")
     >>> w = jnp.array([[[1.0], [1.0]], [[2.0], [0.0]]])  # S=2 species, (S, 2, 1)
     >>> indexed_linear(jnp.array([[1.0, 2.0], [1.0, 2.0]]), [w], jnp.array([0, 1]), plan)
     Array([[2.1213202],
@@ -68,13 +74,44 @@ def indexed_linear(
     num_indexed = _validate(x, weights, biases, indices, plan)
     if num_indexed is not None:
         check_indices_in_range(OP, "indices", indices, num_indexed)
+    precision = matmul_precision(precision)
+    dtype = jnp.result_type(x, *weights, *biases)
     impl = _backend.select(
         OP,
         backend,
-        functools.partial(_reference.indexed_linear, plan=plan),
-        lambda: _kernels().implementations(plan),
+        functools.partial(_reference.indexed_linear, plan=plan, precision=precision),
+        lambda: _kernels().implementations(plan, precision, dtype),
+        jax.ShapeDtypeStruct((x.shape[0], plan.dim_out), x.dtype),
     )
     return impl(x, weights, biases, indices)
+
+
+def matmul_precision(precision: lax.PrecisionLike) -> lax.Precision:
+    """``precision`` as one :class:`jax.lax.Precision`, JAX's way: ``None`` is the
+    ``jax_default_matmul_precision`` in force at trace time, else ``DEFAULT``.
+
+    >>> matmul_precision("highest"), matmul_precision(None)
+    (<Precision.HIGHEST: 2>, <Precision.DEFAULT: 0>)
+    >>> with jax.default_matmul_precision("tensorfloat32"):
+    ...     matmul_precision(None)
+    <Precision.HIGH: 1>
+    """
+    if precision is None:
+        setting = jax.config.jax_default_matmul_precision
+        names = {"bfloat16": "default", "fastest": "default", "tensorfloat32": "high",
+                 "float32": "highest"}
+        precision = names.get(setting, setting) if setting is not None else "default"
+    if isinstance(precision, tuple):  # JAX allows one per operand; the ops use one for both
+        if precision[0] != precision[1]:
+            raise ValueError(f"{OP}: precision must be the same for both operands; got {precision}")
+        precision = precision[0]
+    try:
+        return lax.Precision(precision) if precision is not None else lax.Precision.DEFAULT
+    except ValueError as error:
+        raise ValueError(
+            f"{OP}: precision must be None, 'default', 'high', 'highest' or a lax.Precision; "
+            f"got {precision!r}"
+        ) from error
 
 
 def _validate(x, weights, biases, indices, plan: LinearPlan) -> int | None:

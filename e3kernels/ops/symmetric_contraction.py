@@ -6,6 +6,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from e3kernels import backend as _backend
 from e3kernels.irreps import SymmetricPlan
@@ -40,17 +41,19 @@ def symmetric_contraction(
       weights: one array per ``plan.paths``: ``(mul, C)`` shared by all rows, or
         ``(S, mul, C)`` with ``indices``.
       plan: the static :class:`~e3kernels.irreps.SymmetricPlan`
-        (:func:`e3kernels.irreps.symmetric_plan`).
+        (:func:`e3kernels.ops.symmetric_contraction_plan`).
       indices: ``None``, or ``(N,)`` integers in ``[0, S)`` selecting each row's weights.
         Concrete out-of-range indices raise; traced ones give rows of NaN.
       backend: ``"auto"``, ``"reference"``, ``"pallas"`` or ``None`` (current setting).
 
     Returns:
-      ``(N, C, plan.dim_out)`` array of ``x``'s dtype.
+      ``(N, C, plan.dim_out)`` array of ``x``'s dtype. The products and sums run in
+      float32 (float64 for float64 inputs) on every backend; there is no matmul, so no
+      ``precision`` setting applies.
 
-    >>> import jax, jax.numpy as jnp, e3nn_jax as e3nn
-    >>> from e3kernels.irreps import symmetric_plan
-    >>> plan = symmetric_plan(e3nn.Irreps("0e + 1o"), (1, 2), frozenset({e3nn.Irrep("0e")}))
+    >>> import jax.numpy as jnp
+    >>> from e3kernels.ops import symmetric_contraction_plan
+    >>> plan = symmetric_contraction_plan("0e + 1o", (1, 2), keep_irrep_out="0e")
     >>> [(p.parameter_name, p.mul) for p in plan.paths]
     [('w2_0e', 2), ('w1_0e', 1)]
     >>> weights = [jnp.ones((p.mul, 3)) for p in plan.paths]
@@ -61,11 +64,14 @@ def symmetric_contraction(
     num_indexed = _validate(x, weights, indices, plan)
     if num_indexed is not None:
         check_indices_in_range(OP, "indices", indices, num_indexed)
+    if num_indexed == 0:  # no weight set at all: every row's index is out of range
+        return jnp.full(x.shape[:2] + (plan.dim_out,), jnp.nan, x.dtype)
     impl = _backend.select(
         OP,
         backend,
         functools.partial(_reference.symmetric_contraction, plan=plan),
-        lambda: _kernels().implementations(plan, indexed=indices is not None),
+        lambda: _kernels().implementations(plan, jnp.result_type(x, *weights)),
+        jax.ShapeDtypeStruct(x.shape[:2] + (plan.dim_out,), x.dtype),
     )
     return impl(x, weights, indices)
 

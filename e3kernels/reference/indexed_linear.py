@@ -42,6 +42,7 @@ add a full-size cotangent of ``x`` once per tile (six times slower), hence the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -52,6 +53,7 @@ from jax import lax
 from e3kernels import grouped_linear
 from e3kernels.grouping import Grouping, padded_slots, tile_schedule
 from e3kernels.irreps import LinearBlock, LinearPlan, output_segments
+from e3kernels.spec import accumulation_dtype
 
 
 def indexed_linear(
@@ -61,16 +63,18 @@ def indexed_linear(
     indices: jax.Array,
     *,
     plan: LinearPlan,
+    precision: lax.Precision = lax.Precision.DEFAULT,
     tile_rows: int | None = None,
 ) -> jax.Array:
     """``(N, plan.dim_out)`` output of ``x``'s dtype (see the module doc).
 
     ``weights[k]``: ``(S, mul_in, mul_out)`` for ``plan.blocks[k]``; ``biases[k]``:
-    ``(S, mul)`` for ``plan.biases[k]``; ``indices``: ``(N,)`` integers. ``tile_rows``
+    ``(S, mul)`` for ``plan.biases[k]``; ``indices``: ``(N,)`` integers. The dots run at
+    ``precision`` and accumulate in float32 (float64 for float64 inputs). ``tile_rows``
     (static) defaults to :func:`default_tile_rows`; the result does not depend on it.
     """
     def make_engine(num_rows: int, num_sets: int) -> TileScan:
-        return TileScan(num_sets, tile_rows or default_tile_rows(num_rows, num_sets))
+        return TileScan(num_sets, tile_rows or default_tile_rows(num_rows, num_sets), precision)
 
     return grouped_linear.indexed_linear(make_engine, plan, x, weights, biases, indices)
 
@@ -93,6 +97,7 @@ class TileScan:
 
     num_groups: int
     tile_rows: int
+    precision: lax.Precision
 
     def _tiles(self, grouping: Grouping) -> tuple[jax.Array, jax.Array]:
         """``(T, tile_rows)`` row ids per tile (``N`` for padding) and ``(T,)`` groups."""
@@ -112,7 +117,8 @@ class TileScan:
 
             def work():
                 xt = x.at[rows].get(mode="fill", fill_value=0)
-                pieces = [_segment(plan, seg, xt, weights, biases, group) for seg in segments]
+                pieces = [_segment(plan, seg, xt, weights, biases, group, self.precision)
+                          for seg in segments]
                 return jnp.concatenate(pieces, axis=1).astype(x.dtype)
 
             values = self._used(group, work, jnp.zeros((self.tile_rows, plan.dim_out), x.dtype))
@@ -129,49 +135,55 @@ class TileScan:
             def work():
                 xt = x.at[rows].get(mode="fill", fill_value=0)
                 gt = g.at[rows].get(mode="fill", fill_value=0)
-                return tuple(_block_outer(b, xt, gt) for b in plan.blocks)
+                return tuple(_block_outer(b, xt, gt, self.precision) for b in plan.blocks)
 
-            zeros = tuple(jnp.zeros((b.mul_in, b.mul_out), jnp.float32) for b in plan.blocks)
+            acc = accumulation_dtype(x, g)
+            zeros = tuple(jnp.zeros((b.mul_in, b.mul_out), acc) for b in plan.blocks)
             parts = self._used(group, work, zeros)
             return tuple(s.at[group].add(p, mode="drop") for s, p in zip(sums, parts)), None
 
-        sums = tuple(jnp.zeros((self.num_groups, b.mul_in, b.mul_out), jnp.float32) for b in plan.blocks)
+        acc = accumulation_dtype(x, g)
+        sums = tuple(jnp.zeros((self.num_groups, b.mul_in, b.mul_out), acc) for b in plan.blocks)
         return lax.scan(tile, sums, self._tiles(grouping))[0]
 
 
-def _segment(plan: LinearPlan, seg, xt, weights, biases, group) -> jax.Array:
-    """One output segment of a tile: its blocks and biases summed, in float32."""
-    rows = xt.shape[0]
-    total = jnp.zeros((rows, seg.width), jnp.float32)
+def _segment(plan: LinearPlan, seg, xt, weights, biases, group, precision) -> jax.Array:
+    """One output segment of a tile: its blocks and biases summed in the accumulation dtype."""
+    rows, acc = xt.shape[0], accumulation_dtype(xt, *weights, *biases)
+    total = jnp.zeros((rows, seg.width), acc)
     for k in seg.blocks:
-        total = total + _block_product(plan.blocks[k], xt, weights[k][group])
+        total = total + _block_product(plan.blocks[k], xt, weights[k][group], precision, acc)
     for k in seg.biases:
-        total = total + plan.biases[k].path_weight * biases[k][group].astype(jnp.float32)
+        total = total + plan.biases[k].path_weight * biases[k][group].astype(acc)
     return total
 
 
-def _block_product(b: LinearBlock, xt, w) -> jax.Array:
+def _block_product(b: LinearBlock, xt, w, precision, acc) -> jax.Array:
     """``(rows, mul_out * d)``: ``y[r, v, m] = alpha * sum_u x[r, u, m] w[u, v]``.
 
     Computed as ``w^T @ x`` on ``(mul_in, rows * d)``: moving whole ``d``-vectors is all
     the reordering e3nn's layout needs (for ``d = 1``, plain ``x @ w``).
     """
     rows, d = xt.shape[0], b.ir_dim
-    xb = xt[:, b.in_start : b.in_start + b.mul_in * d]
+    dtype = jnp.promote_types(xt.dtype, w.dtype)  # both operands in one dtype, as the kernels
+    xb, w = xt[:, b.in_start : b.in_start + b.mul_in * d].astype(dtype), w.astype(dtype)
+    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=acc)
     if d == 1:
-        y = jnp.dot(xb, w, preferred_element_type=jnp.float32)
+        y = dot(xb, w)
     else:
         xb = xb.reshape(rows, b.mul_in, d).swapaxes(0, 1).reshape(b.mul_in, rows * d)
-        y = jnp.dot(w.T, xb, preferred_element_type=jnp.float32)
+        y = dot(w.T, xb)
         y = y.reshape(b.mul_out, rows, d).swapaxes(0, 1).reshape(rows, b.mul_out * d)
     return b.path_weight * y
 
 
-def _block_outer(b: LinearBlock, xt, gt) -> jax.Array:
-    """``(mul_in, mul_out)`` float32: ``alpha * sum_{r, m} x[r, u, m] g[r, v, m]``."""
-    rows, d = xt.shape[0], b.ir_dim
+def _block_outer(b: LinearBlock, xt, gt, precision) -> jax.Array:
+    """``(mul_in, mul_out)`` in the accumulation dtype: ``alpha * sum_{r, m} x[r, u, m] g[r, v, m]``."""
+    rows, d, acc = xt.shape[0], b.ir_dim, accumulation_dtype(xt, gt)
+    dtype = jnp.promote_types(xt.dtype, gt.dtype)
+    xt, gt = xt.astype(dtype), gt.astype(dtype)
     xb = xt[:, b.in_start : b.in_start + b.mul_in * d].reshape(rows, b.mul_in, d)
     gb = gt[:, b.out_start : b.out_start + b.mul_out * d].reshape(rows, b.mul_out, d)
     xb = xb.swapaxes(1, 2).reshape(rows * d, b.mul_in)
     gb = gb.swapaxes(1, 2).reshape(rows * d, b.mul_out)
-    return b.path_weight * jnp.dot(xb.T, gb, preferred_element_type=jnp.float32)
+    return b.path_weight * jnp.dot(xb.T, gb, precision=precision, preferred_element_type=acc)

@@ -19,6 +19,8 @@ from test_kernel_indexed_linear import MACE, Case, evaluate
 from e3kernels.kernels import indexed_linear as kernels
 from e3kernels.reference.indexed_linear import indexed_linear as reference
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
 pytestmark = pytest.mark.skipif(
     jax.devices()[0].platform != "gpu",
     reason=f"needs a CUDA GPU; the default JAX device is {jax.devices()[0].platform}",
@@ -49,8 +51,10 @@ def assert_relatively_close(actual, expected, tol):
 
 def compare(case: Case, order: int, tol: float):
     with jax.default_matmul_precision("float32"):
-        ours = evaluate(kernels.implementations(case.plan)["gpu"], case, order, compiler_options={})
-        expected = evaluate(functools.partial(reference, plan=case.plan), case, order, compiler_options={})
+        impl = kernels.implementations(case.plan, HIGHEST, jnp.float32)["gpu"]
+        ours = evaluate(impl, case, order, compiler_options={})
+        expected = evaluate(functools.partial(reference, plan=case.plan, precision=HIGHEST), case, order,
+                            compiler_options={})
     assert_relatively_close(ours, expected, tol)
 
 
@@ -70,7 +74,7 @@ def test_out_of_range_indices():
 
 def test_mace_timing_report():
     case = Case(**SIZES["mace"])
-    impl = kernels.implementations(case.plan)["gpu"]
+    impl = kernels.implementations(case.plan, HIGHEST, jnp.float32)["gpu"]
     forward = jax.jit(lambda x, w, b: impl(x, w, b, case.indices))
     loss = lambda x, w, b: jnp.sum(impl(x, w, b, case.indices) ** 2)
     backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

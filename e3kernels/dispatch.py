@@ -1,0 +1,296 @@
+"""Per-platform dispatch: a program traces only the implementation of the platform it is
+lowered for.
+
+An op whose backend may run kernels is bound as one primitive, ``e3kernels_call``. Its
+parameter ``target`` (a :class:`Target`) knows the op's input and output types and, per
+lowering platform (``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``), the function that
+computes it. Tracing a program only binds the primitive, which costs nothing whatever the
+implementations; lowering traces the implementation of the platform being lowered
+(``mlir.lower_fun``), and only that one. A program lowered or exported for several
+platforms (``jax.export(..., platforms=("cuda", "tpu", "cpu"))``) carries one
+implementation per platform, under JAX's platform switch (``mlir.lower_per_platform``).
+
+Why a primitive rather than :func:`jax.lax.platform_dependent`: the latter traces every
+branch, so a CPU program also traced, differentiated and lowered the Triton and Mosaic
+kernels (15-30 times the reference's trace time), and a tracing-time check in one kernel
+family broke users of the other.
+
+Transformations are rules on the primitive that build *derived targets*, each again with
+one implementation per platform, derived from the platform's own:
+
+* JVP: the outputs, plus a :class:`Linearized` call that is linear in the tangents and
+  whose implementation is ``jax.jvp`` of the platform's;
+* transpose (reverse mode): a :class:`Linearized` call transposes to a :class:`Vjp` call
+  whose implementation is ``jax.vjp`` of the platform's. Its own JVP is again a
+  :class:`Linearized` call, so gradients of any order work, each platform differentiating
+  its own implementation (plain autodiff for the reference, the kernels' ``custom_vjp``
+  rules for Pallas). Reverse mode never lowers a :class:`Linearized` call, only its
+  transpose, so kernels without forward mode still train;
+* batching (``jax.vmap``): a :class:`Batched` call, ``jax.vmap`` of each implementation.
+
+Everything else (``jit``, ``lax.scan``, ``jax.checkpoint``, ``jax.export``) needs no
+rule. The cost of this design is that a derivative recomputes what it needs of its
+platform's forward pass from the op's inputs (JAX's own residuals do not cross a
+primitive); on CPU, XLA merges the repeated subexpressions (``make bench`` measures it).
+
+This module is the one place that uses JAX's primitive-level (private) API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import core
+from jax._src.interpreters import ad, batching, mlir
+
+#: The platform names JAX lowers for that this module registers implementations for.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+class Target:
+    """What one ``e3kernels_call`` computes: fixed input and output types and, for each
+    lowering platform, a function from the flat inputs to the tuple of flat outputs.
+
+    Targets are compared by identity (they are primitive parameters).
+    """
+
+    name: str
+    in_avals: tuple[core.ShapedArray, ...]
+    out_avals: tuple[core.ShapedArray, ...]
+
+    def implementation(self, platform: str) -> Callable[..., tuple[jax.Array, ...]]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Op(Target):
+    """An op with its implementation per platform; see :func:`call`."""
+
+    name: str
+    in_avals: tuple[core.ShapedArray, ...]
+    out_avals: tuple[core.ShapedArray, ...]
+    implementations: Mapping[str, Callable[..., tuple[jax.Array, ...]]]
+
+    def implementation(self, platform):
+        return self.implementations[platform]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Linearized(Target):
+    """The JVP of ``inner`` in the inputs ``wrt``: inputs ``(*primals, *tangents)``,
+    outputs the output tangents; linear in the tangents."""
+
+    inner: Target
+    wrt: tuple[int, ...]
+
+    @property
+    def name(self):
+        return f"jvp({self.inner.name})"
+
+    @property
+    def in_avals(self):
+        return self.inner.in_avals + tuple(_tangent_aval(self.inner.in_avals[i]) for i in self.wrt)
+
+    @property
+    def out_avals(self):
+        return tuple(_tangent_aval(a) for a in self.inner.out_avals)
+
+    def implementation(self, platform):
+        f, n, wrt = self.inner.implementation(platform), len(self.inner.in_avals), self.wrt
+
+        def jvp(*args):
+            primals, tangents = args[:n], args[n:]
+            g = functools.partial(_call_with, f, primals, wrt)
+            return jax.jvp(g, tuple(primals[i] for i in wrt), tuple(tangents))[1]
+
+        return jvp
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Vjp(Target):
+    """The VJP of ``inner`` in the inputs ``wrt``: inputs ``(*primals, *cotangents)``,
+    outputs the cotangents of ``primals[i]`` for ``i`` in ``wrt``."""
+
+    inner: Target
+    wrt: tuple[int, ...]
+
+    @property
+    def name(self):
+        return f"vjp({self.inner.name})"
+
+    @property
+    def in_avals(self):
+        return self.inner.in_avals + tuple(_tangent_aval(a) for a in self.inner.out_avals)
+
+    @property
+    def out_avals(self):
+        return tuple(_tangent_aval(self.inner.in_avals[i]) for i in self.wrt)
+
+    def implementation(self, platform):
+        f, n, wrt = self.inner.implementation(platform), len(self.inner.in_avals), self.wrt
+
+        def vjp(*args):
+            primals, cotangents = args[:n], args[n:]
+            g = functools.partial(_call_with, f, primals, wrt)
+            _, pullback = jax.vjp(g, *(primals[i] for i in wrt))
+            return tuple(pullback(tuple(cotangents)))
+
+        return vjp
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Batched(Target):
+    """``inner`` mapped over a leading axis of ``size`` on the inputs where ``mapped``."""
+
+    inner: Target
+    mapped: tuple[bool, ...]
+    size: int
+
+    @property
+    def name(self):
+        return f"vmap({self.inner.name})"
+
+    @property
+    def in_avals(self):
+        return tuple(_batched(a, self.size) if m else a for a, m in zip(self.inner.in_avals, self.mapped))
+
+    @property
+    def out_avals(self):
+        return tuple(_batched(a, self.size) for a in self.inner.out_avals)
+
+    def implementation(self, platform):
+        in_axes = tuple(0 if m else None for m in self.mapped)
+        return jax.vmap(self.inner.implementation(platform), in_axes=in_axes)
+
+
+def _call_with(f, primals, wrt, *values):
+    """``f(*primals)`` with ``primals[i]`` replaced by ``values`` for ``i`` in ``wrt``."""
+    args = list(primals)
+    for i, v in zip(wrt, values):
+        args[i] = v
+    return tuple(f(*args))
+
+
+def _tangent_aval(aval: core.ShapedArray) -> core.ShapedArray:
+    return aval.to_tangent_aval()
+
+
+def _batched(aval: core.ShapedArray, size: int) -> core.ShapedArray:
+    return aval.update(shape=(size,) + aval.shape)
+
+
+def _differentiable(aval: core.ShapedArray) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+# ---- the primitive and its rules ----------------------------------------------------------
+
+call_p = core.Primitive("e3kernels_call")
+call_p.multiple_results = True
+
+
+def bind(target: Target, *args) -> tuple[jax.Array, ...]:
+    """Bind ``target`` to ``args`` (its flat inputs)."""
+    return tuple(call_p.bind(*args, target=target))
+
+
+@call_p.def_abstract_eval
+def _abstract_eval(*avals, target: Target):
+    expected = target.in_avals
+    if len(avals) != len(expected) or any(
+        a.shape != e.shape or a.dtype != e.dtype for a, e in zip(avals, expected)
+    ):
+        got = ", ".join(a.str_short() for a in avals)
+        want = ", ".join(e.str_short() for e in expected)
+        raise TypeError(f"{target.name}: expected inputs ({want}); got ({got})")
+    return [core.ShapedArray(a.shape, a.dtype) for a in target.out_avals]
+
+
+@call_p.def_impl
+def _eager(*args, target: Target):
+    return jax.jit(functools.partial(bind, target))(*args)
+
+
+def _jvp(primals, tangents, *, target: Target):
+    outs = bind(target, *primals)
+    wrt = tuple(
+        i for i, (t, a) in enumerate(zip(tangents, target.in_avals))
+        if type(t) is not ad.Zero and _differentiable(a)
+    )
+    if not wrt:
+        return outs, [ad.Zero(_tangent_aval(a)) for a in target.out_avals]
+    tangents_out = bind(Linearized(target, wrt), *primals, *(tangents[i] for i in wrt))
+    return outs, list(tangents_out)
+
+
+def _transpose(cotangents, *args, target: Target):
+    if not isinstance(target, Linearized):  # JAX transposes only what is linear
+        raise TypeError(f"{target.name}: only its JVP is linear; it has no transpose")
+    n = len(target.inner.in_avals)
+    primals = args[:n]
+    if any(ad.is_undefined_primal(p) for p in primals):
+        raise TypeError(f"{target.name}: the primal inputs must be known to transpose")
+    cotangents = [ad.instantiate_zeros(c) for c in cotangents]
+    grads = bind(Vjp(target.inner, target.wrt), *primals, *cotangents)
+    return [None] * n + list(grads)
+
+
+def _batch(args, dims, *, target: Target):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    mapped = tuple(d is not None for d in dims)
+    args = [jnp.moveaxis(a, d, 0) if m else a for a, d, m in zip(args, dims, mapped)]
+    outs = bind(Batched(target, mapped, size), *args)
+    return list(outs), [0] * len(outs)
+
+
+def _lowering(platform: str):
+    def lower(ctx, *args, target: Target):
+        implementation = target.implementation(platform)
+        return mlir.lower_fun(lambda *a: tuple(implementation(*a)), multiple_results=True)(ctx, *args)
+
+    return lower
+
+
+ad.primitive_jvps[call_p] = _jvp
+ad.primitive_transposes[call_p] = _transpose
+batching.primitive_batchers[call_p] = _batch
+for _platform in PLATFORMS:
+    mlir.register_lowering(call_p, _lowering(_platform), platform=_platform)
+
+
+# ---- the entry point of the ops ------------------------------------------------------------
+
+
+def call(
+    name: str,
+    implementations: Mapping[str, Callable[..., jax.Array]],
+    out: jax.ShapeDtypeStruct,
+    args: Sequence,
+) -> jax.Array:
+    """``implementations[platform](*args)`` for the platform the program is lowered for.
+
+    Args:
+      name: the op's name (error messages, and the ``jaxpr``).
+      implementations: one function per name of :data:`PLATFORMS`, each taking ``args``
+        and returning one array of type ``out``.
+      out: the output's shape and dtype, the same on every platform.
+      args: the op's arguments, a pytree (``None`` leaves allowed).
+    """
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+
+    def flat(implementation):
+        return lambda *flat_args: (implementation(*jax.tree_util.tree_unflatten(tree, flat_args)),)
+
+    target = Op(
+        name=name,
+        in_avals=tuple(core.ShapedArray(np.shape(v), v.dtype) for v in leaves),
+        out_avals=(core.ShapedArray(out.shape, out.dtype),),
+        implementations={p: flat(implementations[p]) for p in PLATFORMS},
+    )
+    return bind(target, *leaves)[0]
