@@ -41,22 +41,27 @@ def _mb(m) -> str:
     return "-" if m is None or m.temp_bytes is None else f"{m.temp_bytes / 1e6:.1f}"
 
 
+def _seconds(m) -> str:
+    return "-" if m is None or m.compile_seconds is None else f"{m.compile_seconds:.1f}"
+
+
 def _ratio(r) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
 def table(result) -> str:
-    """A Markdown table: median ms, speed-up vs e3nn-jax, compiled temp MB, per mode."""
+    """A Markdown table: median ms, speed-up vs e3nn-jax, compiled temp MB and trace +
+    compile seconds, per mode."""
     header = (
         "| candidate | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up "
-        "| fwd temp MB | fwd+bwd temp MB |"
+        "| fwd temp MB | fwd+bwd temp MB | fwd compile s | fwd+bwd compile s |"
     )
-    lines = [f"\n### {result['title']}, N={result['rows']}\n", header, "|" + "---|" * 7]
+    lines = [f"\n### {result['title']}, N={result['rows']}\n", header, "|" + "---|" * 9]
     ratios = speedups(result)
     for name, modes in _by_candidate(result["measured"]).items():
         fwd, bwd = modes.get("fwd"), modes.get("fwd+bwd")
         cells = [name, _ms(fwd), _ms(bwd), _ratio(ratios[name]["fwd"]), _ratio(ratios[name]["fwd+bwd"]),
-                 _mb(fwd), _mb(bwd)]
+                 _mb(fwd), _mb(bwd), _seconds(fwd), _seconds(bwd)]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {m.candidate} {m.mode}: {m.error}" for m in result["measured"] if m.error]
     if errors:

@@ -51,10 +51,14 @@ def e3kernels_backends(platform: str) -> list[str]:
     return ["reference"] if platform == "cpu" else ["reference", "pallas"]
 
 
-def _loss_grads(apply: Callable, argnums: tuple[int, ...]) -> Callable:
+def _loss_grads(apply: Callable, argnums: tuple[int, ...], args: tuple) -> Callable:
+    """Gradients of a fixed random projection of the output: its cotangent does not depend
+    on the output (``0.5 * sum(out**2)`` flatters, its cotangent being the output itself)."""
+    out = jax.eval_shape(apply, *args)
+    projection = jax.random.normal(jax.random.PRNGKey(11), out.shape, jnp.float32)
+
     def loss(*args):
-        out = apply(*args)
-        return 0.5 * jnp.sum(jnp.square(out.astype(jnp.float32)))
+        return jnp.sum(projection * apply(*args).astype(jnp.float32))
 
     return jax.grad(loss, argnums=argnums)
 
@@ -65,7 +69,8 @@ def _haiku_candidate(name: str, module_fn: Callable, params_like, args: tuple) -
     params = params_like if params_like is not None else transformed.init(jax.random.PRNGKey(0), *args)
     apply = lambda params, *a: transformed.apply(params, *a).array
     grad_argnums = (0, len(args))  # the parameters and the last (float) input
-    return Candidate(name, apply, _loss_grads(apply, grad_argnums), (params,) + args)
+    args = (params,) + args
+    return Candidate(name, apply, _loss_grads(apply, grad_argnums, args), args)
 
 
 # ---- symmetric contraction, MACE-M, species-indexed weights ----------------------------
@@ -120,7 +125,8 @@ def _cue_symmetric_contraction(rows, platform, species) -> Candidate:
         [y] = cuex.segmented_polynomial(poly, [w, x], [out], indices=[species, None, None], method=method)
         return y
 
-    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2)), (w, species, x))
+    args = (w, species, x)
+    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2), args), args)
 
 
 # ---- indexed Linear ---------------------------------------------------------------------
@@ -153,7 +159,7 @@ def _dense_matmul(rows: int) -> Candidate:
     x = jax.random.normal(jax.random.PRNGKey(5), (rows, dim))
     w = jax.random.normal(jax.random.PRNGKey(6), (CHANNELS, CHANNELS))
     apply = lambda w, x: jnp.dot(x.reshape(-1, CHANNELS), w).reshape(x.shape)
-    return Candidate("dense matmul (same FLOPs)", apply, _loss_grads(apply, (0, 1)), (w, x))
+    return Candidate("dense matmul (same FLOPs)", apply, _loss_grads(apply, (0, 1), (w, x)), (w, x))
 
 
 def _cue_indexed_linear(rows, platform, species) -> Candidate:
@@ -178,7 +184,8 @@ def _cue_indexed_linear(rows, platform, species) -> Candidate:
         [y] = cuex.segmented_polynomial(poly, [w, x], [out], indices=[gather, None, None], method=method)
         return y
 
-    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2)), (w, index, x))
+    args = (w, index, x)
+    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2), args), args)
 
 
 # ---- a MACE-style interaction block, trained on energies and forces ---------------------
@@ -206,6 +213,7 @@ def training_step(rows: int, platform: str) -> list[Candidate]:
     key_p, key_s = jax.random.split(jax.random.PRNGKey(9))
     positions = jax.random.normal(key_p, (rows, 3))
     species = jax.random.randint(key_s, (rows,), 0, SPECIES)
+    force_projection = jax.random.normal(jax.random.PRNGKey(12), (rows, 3))
 
     def candidate(name, ns, params=None, **kw):
         energy = hk.without_apply_rng(hk.transform(lambda s, p: interaction_block(ns, s, p, **kw)))
@@ -216,9 +224,9 @@ def training_step(rows: int, platform: str) -> list[Candidate]:
             e, grad = jax.value_and_grad(energy.apply, argnums=2)(params, s, p)
             return e, -grad
 
-        def loss(params, s, p):
+        def loss(params, s, p):  # fixed random weights on energy and forces (see _loss_grads)
             e, forces = energy_forces(params, s, p)
-            return (e / rows) ** 2 + jnp.mean(jnp.square(forces))
+            return 0.3 * e / rows + jnp.sum(force_projection * forces) / rows
 
         return Candidate(name, energy_forces, jax.grad(loss), (params, species, positions))
 

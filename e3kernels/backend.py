@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -110,6 +110,7 @@ def select(
     reference: Callable[..., Any],
     kernels: Callable[[], Mapping[str, Callable[..., Any] | str] | str],
     out: jax.ShapeDtypeStruct,
+    key: Hashable | None = None,
 ) -> Callable[..., Any]:
     """Choose the implementation of ``op`` for ``backend``; the single dispatch point.
 
@@ -122,6 +123,9 @@ def select(
         ``"interpret"`` (CPU), each a function or a string saying why no kernel handles
         this call on that platform; or one string saying why no kernel handles it at all.
       out: the shape and dtype of the op's output, the same for every implementation.
+      key: everything static ``reference`` and ``kernels`` depend on (a plan, a precision):
+        equal keys mean equal computations, so that JAX's caches are shared (``None``: no
+        sharing).
 
     Returns:
       A function with the signature of ``reference`` that binds the op through
@@ -149,7 +153,7 @@ def select(
         if isinstance(chosen, str):
             chosen = reference if name == "auto" else _refusal(op, platform, chosen)
         implementations[platform] = chosen
-    return lambda *args: dispatch.call(op, implementations, out, args)
+    return lambda *args: dispatch.call(op, None if key is None else (name, key), implementations, out, args)
 
 
 def _refusal(op: str, platform: str, reason: str) -> Callable[..., Any]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,8 @@ class Target:
     """What one ``e3kernels_call`` computes: fixed input and output types and, for each
     lowering platform, a function from the flat inputs to the tuple of flat outputs.
 
-    Targets are compared by identity (they are primitive parameters).
+    Targets are primitive parameters, compared by value (an :class:`Op` by its ``key``),
+    so that equal calls share JAX's caches.
     """
 
     name: str
@@ -67,20 +68,23 @@ class Target:
         raise NotImplementedError
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Op(Target):
     """An op with its implementation per platform; see :func:`call`."""
 
     name: str
+    key: Hashable
     in_avals: tuple[core.ShapedArray, ...]
     out_avals: tuple[core.ShapedArray, ...]
-    implementations: Mapping[str, Callable[..., tuple[jax.Array, ...]]]
+    implementations: Mapping[str, Callable[..., tuple[jax.Array, ...]]] = dataclasses.field(
+        compare=False, hash=False
+    )
 
     def implementation(self, platform):
         return self.implementations[platform]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Linearized(Target):
     """The JVP of ``inner`` in the inputs ``wrt``: inputs ``(*primals, *tangents)``,
     outputs the output tangents; linear in the tangents."""
@@ -111,7 +115,7 @@ class Linearized(Target):
         return jvp
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Vjp(Target):
     """The VJP of ``inner`` in the inputs ``wrt``: inputs ``(*primals, *cotangents)``,
     outputs the cotangents of ``primals[i]`` for ``i`` in ``wrt``."""
@@ -143,7 +147,7 @@ class Vjp(Target):
         return vjp
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Batched(Target):
     """``inner`` mapped over a leading axis of ``size`` on the inputs where ``mapped``."""
 
@@ -213,7 +217,13 @@ def _abstract_eval(*avals, target: Target):
 
 @call_p.def_impl
 def _eager(*args, target: Target):
-    return jax.jit(functools.partial(bind, target))(*args)
+    return _jitted(target)(*args)
+
+
+@functools.lru_cache(maxsize=512)
+def _jitted(target: Target):
+    """One compiled program per target (an op called eagerly runs as one jitted call)."""
+    return jax.jit(functools.partial(bind, target))
 
 
 def _jvp(primals, tangents, *, target: Target):
@@ -268,6 +278,7 @@ for _platform in PLATFORMS:
 
 def call(
     name: str,
+    key: Hashable | None,
     implementations: Mapping[str, Callable[..., jax.Array]],
     out: jax.ShapeDtypeStruct,
     args: Sequence,
@@ -276,6 +287,9 @@ def call(
 
     Args:
       name: the op's name (error messages, and the ``jaxpr``).
+      key: everything static the implementations depend on (plan, backend, precision):
+        two calls with equal names, keys and argument types must compute the same.
+        ``None``: this call shares nothing.
       implementations: one function per name of :data:`PLATFORMS`, each taking ``args``
         and returning one array of type ``out``.
       out: the output's shape and dtype, the same on every platform.
@@ -289,6 +303,7 @@ def call(
 
     target = Op(
         name=name,
+        key=object() if key is None else (key, tree),
         in_avals=tuple(core.ShapedArray(np.shape(v), v.dtype) for v in leaves),
         out_avals=(core.ShapedArray(out.shape, out.dtype),),
         implementations={p: flat(implementations[p]) for p in PLATFORMS},

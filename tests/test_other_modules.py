@@ -140,15 +140,3 @@ def test_batch_norm_is_equivariant(is_training):
         a, _ = bn.apply(params, state, None, x.transform_by_angles(*angles, k=parity))
         b = bn.apply(params, state, None, x)[0].transform_by_angles(*angles, k=parity)
         assert_close(a, b, 1e-4, 1e-4)
-
-
-def test_mlp_is_invariant():
-    """Scalars (0e) are unchanged by rotations and parity, so is the MLP's output."""
-    x = e3nn.normal("6x0e", KEY, (4,))
-    mlp = hk.without_apply_rng(hk.transform(
-        lambda x: e3kernels.haiku.MultiLayerPerceptron([5, 2], jax.nn.gelu)(x)))
-    params = mlp.init(KEY, x)
-    for parity in (0, 1):
-        rotated = x.transform_by_angles(0.3, 2.0, -0.5, k=parity)
-        assert_close(rotated, x, 0, 0)  # the input itself is invariant
-        assert_close(mlp.apply(params, rotated), mlp.apply(params, x), 0, 0)

@@ -82,6 +82,7 @@ def indexed_linear(
         functools.partial(_reference.indexed_linear, plan=plan, precision=precision),
         lambda: _kernels().implementations(plan, precision, dtype),
         jax.ShapeDtypeStruct((x.shape[0], plan.dim_out), x.dtype),
+        key=(plan, precision),
     )
     return impl(x, weights, biases, indices)
 
@@ -91,10 +92,10 @@ def matmul_precision(precision: lax.PrecisionLike) -> lax.Precision:
     ``jax_default_matmul_precision`` in force at trace time, else ``DEFAULT``.
 
     >>> matmul_precision("highest"), matmul_precision(None)
-    (<Precision.HIGHEST: 2>, <Precision.DEFAULT: 0>)
+    (Precision.HIGHEST, Precision.DEFAULT)
     >>> with jax.default_matmul_precision("tensorfloat32"):
     ...     matmul_precision(None)
-    <Precision.HIGH: 1>
+    Precision.HIGH
     """
     if precision is None:
         setting = jax.config.jax_default_matmul_precision

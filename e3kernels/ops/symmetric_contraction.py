@@ -72,6 +72,7 @@ def symmetric_contraction(
         functools.partial(_reference.symmetric_contraction, plan=plan),
         lambda: _kernels().implementations(plan, jnp.result_type(x, *weights)),
         jax.ShapeDtypeStruct(x.shape[:2] + (plan.dim_out,), x.dtype),
+        key=plan,
     )
     return impl(x, weights, indices)
 
