@@ -26,6 +26,8 @@ A ``custom_vjp`` has no forward-mode (``jax.jvp``) rule: reverse mode only, on e
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,21 @@ from e3kernels.grouping import Grouping, group_rows, sum_by_group
 from e3kernels.irreps import LinearPlan, transposed_plan, without_biases
 
 
-def indexed_linear(make_engine, plan: LinearPlan, x, weights, biases, indices):
+class Engine(Protocol):
+    """What the rules below need of an implementation (hashable: a ``custom_vjp`` static)."""
+
+    #: the number of weight sets ``S``
+    num_groups: int
+
+    def apply(self, plan: LinearPlan, x, weights, biases, grouping: Grouping, fill: float) -> jax.Array:
+        """``(N, plan.dim_out)`` of ``x``'s dtype; rows of the invalid group set to ``fill``."""
+
+    def weight_grad(self, plan: LinearPlan, x, g, grouping: Grouping) -> tuple[jax.Array, ...]:
+        """Per block ``(S, mul_in, mul_out)``: ``alpha * sum_{n in s, m} x[n, :, m]^T g[n, :, m]``."""
+
+
+def indexed_linear(make_engine: Callable[[int, int], Engine], plan: LinearPlan, x, weights, biases,
+                   indices):
     """Both backends' ``indexed_linear``: the degenerate sizes, then :func:`linear` on rows
     grouped by index, through ``make_engine(num_rows, num_sets)``.
 

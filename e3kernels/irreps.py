@@ -5,7 +5,7 @@ symmetric bases, parameter names) is computed here once, in Python/numpy, and ha
 the ops as hashable, immutable plans. The ops themselves only see plain arrays.
 
 Nothing here re-derives e3nn's rules: :class:`LinearPlan` reads an
-``e3nn_jax._src.linear.FunctionalLinear`` and :class:`SymmetricPlan` reads
+e3nn-jax's ``FunctionalLinear`` (through :mod:`e3kernels._e3nn_private`) and :class:`SymmetricPlan` reads
 ``e3nn.reduced_symmetric_tensor_product_basis`` (the basis is not unique; using e3nn's
 keeps the parameters interchangeable).
 """
@@ -17,7 +17,8 @@ import functools
 
 import e3nn_jax as e3nn
 import numpy as np
-from e3nn_jax._src.linear import FunctionalLinear
+
+from e3kernels._e3nn_private import FunctionalLinear
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_results_close, assert_trees_close
-from e3nn_jax._src.linear import FunctionalLinear
 
+from e3kernels._e3nn_private import FunctionalLinear
 from e3kernels.grouping import group_rows, num_tiles, tile_schedule
 from e3kernels.irreps import LinearPlan, linear_parameter_name
 from e3kernels.kernels import indexed_linear as kernels

@@ -13,29 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close, assert_results_close
-from e3nn_jax._src.linear import FunctionalLinear
 
+from e3kernels import spec
+from e3kernels._e3nn_private import FunctionalLinear
 from e3kernels.irreps import LinearPlan, linear_parameter_name
 from e3kernels.reference.indexed_linear import default_tile_rows, indexed_linear
 
 
 def naive(x, weights, biases, indices, *, plan: LinearPlan):
-    """The definition: ``W[indices]`` copied per row, NaN rows where the index is out of range."""
-    params = tuple(weights) + tuple(biases)
-    num_sets = params[0].shape[0] if params else 1
-    valid = (indices >= 0) & (indices < num_sets)
-    safe = jnp.clip(indices, 0, num_sets - 1)  # finite values on invalid rows, masked below
-    n = x.shape[0]
-    out = jnp.zeros((n, plan.dim_out), jnp.float32)
-    for b, w in zip(plan.blocks, weights):
-        width_in, width_out = b.mul_in * b.ir_dim, b.mul_out * b.ir_dim
-        xb = x[:, b.in_start : b.in_start + width_in].reshape(n, b.mul_in, b.ir_dim)
-        yb = b.path_weight * jnp.einsum("num,nuv->nvm", xb, w[safe], precision="highest")
-        out = out.at[:, b.out_start : b.out_start + width_out].add(yb.reshape(n, width_out))
-    for b, w in zip(plan.biases, biases):
-        out = out.at[:, b.out_start : b.out_start + b.mul].add(b.path_weight * w[safe])
-    out = out.astype(x.dtype)
-    return jnp.where(valid[:, None], out, jnp.nan) if params else out
+    """The definition (``e3kernels.spec``): ``W[indices]`` copied per row."""
+    return spec.indexed_linear(x, weights, biases, indices, plan)
 
 
 class Case:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
+from e3kernels import spec
 from e3kernels.irreps import symmetric_plan
 from e3kernels.reference import symmetric_contraction as ref
 from e3kernels.symmetric_terms import symmetric_terms
@@ -32,15 +33,8 @@ def plan_of(irreps, orders, keep):
 
 
 def dense(x, weights, indices, plan):
-    """The definition: ``sum_k W[s_n, k, c] sum_j U[j.., k, i] x[n, c, j_1] .. x[n, c, j_nu]``."""
-    out = jnp.zeros(x.shape[:2] + (plan.dim_out,), x.dtype)
-    for p, w in zip(plan.paths, weights):
-        rows = w[indices] if indices is not None else jnp.broadcast_to(w, x.shape[:1] + w.shape)
-        t = jnp.einsum("...ki,nkc->nc...i", jnp.asarray(p.basis, x.dtype), rows)
-        for _ in range(p.order):
-            t = jnp.einsum("nc...ji,ncj->nc...i", t, x)
-        out = out.at[:, :, p.out_start : p.out_start + p.ir_out.dim].add(t)
-    return out
+    """The definition (``e3kernels.spec``): the dense basis contracted ``order`` times."""
+    return spec.symmetric_contraction(x, weights, plan, indices)
 
 
 def contraction(path):

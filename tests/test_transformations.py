@@ -273,3 +273,41 @@ def test_tracing_binds_one_primitive_and_no_kernel(case_type, backend):
     text = str(jax.make_jaxpr(jax.grad(loss))(case.params, case.x))
     assert "e3kernels_call" in text
     assert "pallas_call" not in text and "scan" not in text and "sort" not in text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indexed_linear_module_in_layer_stack_second_order(backend):
+    """``Linear(i, x)`` in ``hk.experimental.layer_stack``, trained on forces: the same
+    parameters and gradients as e3nn-jax's module in the same stack."""
+    import e3nn_jax as e3nn
+    import haiku as hk
+
+    import e3kernels
+
+    irreps = "4x0e + 3x1o"
+    rng = np.random.default_rng(0)
+    x = e3nn.IrrepsArray(irreps, _normal(rng, (10, e3nn.Irreps(irreps).dim)))
+    species = jnp.asarray(rng.integers(0, NUM_SETS, 10), jnp.int32)
+
+    def stack(namespace, **kwargs):
+        def model(i, x):
+            layer = lambda x: namespace.Linear(irreps, num_indexed_weights=NUM_SETS, **kwargs)(i, x)
+            return hk.experimental.layer_stack(2)(layer)(x)
+
+        return hk.without_apply_rng(hk.transform(model))
+
+    ours, theirs = stack(e3kernels.haiku, backend=backend), stack(e3nn.haiku)
+    params = theirs.init(jax.random.PRNGKey(0), species, x)
+    assert_trees_close(ours.init(jax.random.PRNGKey(0), species, x), params)
+
+    def grads(transformed):
+        def loss(params, array):
+            def energy(array):
+                out = transformed.apply(params, species, e3nn.IrrepsArray(irreps, array))
+                return jnp.sum(jnp.sin(out.array))
+
+            return jnp.sum(jax.grad(energy)(array) ** 2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x.array)
+
+    assert_trees_close(grads(ours), grads(theirs), rtol=2e-4, atol=2e-4)

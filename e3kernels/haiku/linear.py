@@ -11,17 +11,17 @@ import e3nn_jax as e3nn
 import haiku as hk
 import jax
 import jax.numpy as jnp
-from e3nn_jax._src.linear import (
+
+from e3kernels import backend as _backend
+from e3kernels import ops
+from e3kernels._e3nn_private import (
     FunctionalLinear,
+    get_pytree_dtype,
     linear_mixed,
     linear_mixed_per_channel,
     linear_vanilla,
     parse_gradient_normalization,
 )
-from e3nn_jax._src.utils.dtype import get_pytree_dtype
-
-from e3kernels import backend as _backend
-from e3kernels import ops
 from e3kernels.irreps import LinearPlan, linear_parameter_name
 
 
