@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_results_close, assert_trees_close
 
+from e3kernels import spec
 from e3kernels._e3nn_private import FunctionalLinear
 from e3kernels.grouping import group_rows, num_tiles, tile_schedule
 from e3kernels.irreps import LinearPlan, linear_parameter_name
@@ -106,15 +107,17 @@ MAIN = dict(irreps_in="3x0e + 5x1o + 2x0e + 2x2e", irreps_out="4x0e + 3x1o + 2x1
 @functools.cache
 def main_case_expected():
     case = Case(**MAIN)
+    from_spec = evaluate(lambda x, w, b, i: spec.indexed_linear(x, w, b, i, case.plan), case, 2)
     from_reference = evaluate(functools.partial(reference, plan=case.plan), case, 2)
-    return case, from_reference, evaluate(case.e3nn_fn, case, 2)
+    return case, from_spec, from_reference, evaluate(case.e3nn_fn, case, 2)
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_matches_reference_and_e3nn(style):
-    case, from_reference, from_e3nn = main_case_expected()
+def test_matches_spec_reference_and_e3nn(style):
+    case, from_spec, from_reference, from_e3nn = main_case_expected()
     assert sorted(set(case.indices.tolist())) == [0, 1, 2]
     ours = evaluate(kernel_fn(style, case.plan), case, 2)
+    assert_results_close(ours, from_spec)
     assert_results_close(ours, from_reference)
     assert_results_close(ours, from_e3nn)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_symmetric_tensor_product import e3nn_indexed
 
-from e3kernels import backend, ops
+from e3kernels import backend, ops, spec
 from e3kernels.irreps import symmetric_plan
 from e3kernels.kernels import symmetric_contraction as kernels
 from e3kernels.reference.symmetric_contraction import symmetric_contraction as reference
@@ -95,7 +95,12 @@ def e3nn_fn(case: Case):
     return f
 
 
-ORACLES = {"reference": reference_fn, "e3nn": e3nn_fn}
+def spec_fn(case: Case):
+    """The executable spec: the dense basis contracted ``order`` times."""
+    return lambda x, w, i: spec.symmetric_contraction(x, w, case.plan, i)
+
+
+ORACLES = {"spec": spec_fn, "reference": reference_fn, "e3nn": e3nn_fn}
 
 
 def run(f, *args):
