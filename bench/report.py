@@ -70,7 +70,8 @@ def table(result) -> str:
 
 
 def chart(results, path: Path, machine: dict) -> Path | None:
-    """Bar chart of speed-ups vs e3nn-jax (log scale), one panel per workload."""
+    """Per workload: speed-ups vs e3nn-jax (log scale, top) and trace + compile seconds
+    (bottom), both modes, each bar labelled with its value."""
     try:
         import matplotlib
 
@@ -78,20 +79,31 @@ def chart(results, path: Path, machine: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False)
-    for ax, result in zip(axes[0], results):
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
+    for column, result in enumerate(results):
+        by_name = _by_candidate(result["measured"])
         ratios = speedups(result)
         names = list(ratios)
+        top, bottom = axes[0][column], axes[1][column]
         for k, mode in enumerate(MODES):
-            values = [ratios[n][mode] or 0.0 for n in names]
-            ax.bar([i + 0.4 * k for i in range(len(names))], values, width=0.4, label=mode)
-        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_title(f"{result['workload']} (N={result['rows']})", fontsize=9)
-        ax.set_ylabel("speed-up vs e3nn-jax (median)")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"e3kernels bench: {machine['device']}, jax {machine['jax']}", fontsize=10)
+            xs = [i + 0.4 * k for i in range(len(names))]
+            speed = [ratios[n][mode] or 0.0 for n in names]
+            compile_s = [(by_name[n].get(mode) and by_name[n][mode].compile_seconds) or 0.0 for n in names]
+            bars = top.bar(xs, speed, width=0.4, label=mode)
+            top.bar_label(bars, labels=[f"{v:.1f}x" if v else "" for v in speed], fontsize=7)
+            bars = bottom.bar(xs, compile_s, width=0.4, label=mode)
+            bottom.bar_label(bars, labels=[f"{v:.1f}" if v else "" for v in compile_s], fontsize=7)
+        for ax in (top, bottom):
+            ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+            ax.legend(fontsize=8)
+        top.set_yscale("log")
+        top.axhline(1.0, color="gray", linewidth=0.8)
+        top.set_title(f"{result['workload']} (N={result['rows']})", fontsize=9)
+        top.set_ylabel("speed-up vs e3nn-jax (median)")
+        bottom.set_ylabel("trace + compile, s")
+    device = machine["device"].split(": ")[-1]
+    fig.suptitle(f"e3kernels bench, {device} ({machine['cpus']} CPUs, {machine['processor']}), "
+                 f"jax {machine['jax']}, {machine['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
