@@ -45,7 +45,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core
+from jax._src import config, core
 from jax._src.interpreters import ad, batching, mlir
 
 #: The platform names JAX lowers for that this module registers implementations for.
@@ -180,6 +180,42 @@ def _call_with(f, primals, wrt, *values):
     return tuple(f(*args))
 
 
+# Under shard_map (check_vma=True) every value's type records the mesh axes it varies
+# over. JAX 0.10 stores them as ``aval.manual_axis_type.varying``, other releases as
+# ``aval.vma``; these helpers are the only code that reads or writes them.
+_VARYING_FIELD = "manual_axis_type" if "manual_axis_type" in core.ShapedArray.__slots__ else "vma"
+
+
+def _varying_axes(aval) -> frozenset:
+    value = getattr(aval, _VARYING_FIELD, None)
+    return frozenset(getattr(value, "varying", value) or ())
+
+
+def _varying_like(aval: core.ShapedArray, inputs) -> core.ShapedArray:
+    """``aval`` varying over the axes of the inputs (made equal by :func:`bind`)."""
+    varying = [a for a in inputs if _varying_axes(a)]
+    if not varying:
+        return aval
+    like = varying[0]  # its mesh, no partitioning of the output's dimensions
+    sharding = like.sharding.update(spec=jax.sharding.PartitionSpec())
+    return aval.update(sharding=sharding, **{_VARYING_FIELD: getattr(like, _VARYING_FIELD)})
+
+
+def _plain(aval: core.ShapedArray) -> core.ShapedArray:
+    return core.ShapedArray(aval.shape, aval.dtype)
+
+
+def _vary_alike(args):
+    """Cast replicated inputs to vary over the axes any input varies over, as JAX's own
+    primitives do under ``shard_map``: the op's output is per-device."""
+    axes = [_varying_axes(jax.typeof(a)) for a in args]
+    union = frozenset().union(*axes)
+    if not union:
+        return args
+    return [a if ax == union else jax.lax.pcast(a, tuple(sorted(union - ax)), to="varying")
+            for a, ax in zip(args, axes)]
+
+
 def _tangent_aval(aval: core.ShapedArray) -> core.ShapedArray:
     return aval.to_tangent_aval()
 
@@ -200,7 +236,7 @@ call_p.multiple_results = True
 
 def bind(target: Target, *args) -> tuple[jax.Array, ...]:
     """Bind ``target`` to ``args`` (its flat inputs)."""
-    return tuple(call_p.bind(*args, target=target))
+    return tuple(call_p.bind(*_vary_alike(args), target=target))
 
 
 @call_p.def_abstract_eval
@@ -212,7 +248,7 @@ def _abstract_eval(*avals, target: Target):
         got = ", ".join(a.str_short() for a in avals)
         want = ", ".join(e.str_short() for e in expected)
         raise TypeError(f"{target.name}: expected inputs ({want}); got ({got})")
-    return [core.ShapedArray(a.shape, a.dtype) for a in target.out_avals]
+    return [_varying_like(core.ShapedArray(a.shape, a.dtype), avals) for a in target.out_avals]
 
 
 @call_p.def_impl
@@ -261,7 +297,11 @@ def _batch(args, dims, *, target: Target):
 def _lowering(platform: str):
     def lower(ctx, *args, target: Target):
         implementation = target.implementation(platform)
-        return mlir.lower_fun(lambda *a: tuple(implementation(*a)), multiple_results=True)(ctx, *args)
+        # The implementations are per-device code without collectives: traced on plain
+        # types, they need no shard_map varying-axes annotations of their own.
+        ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in])
+        with config._check_vma(False):
+            return mlir.lower_fun(lambda *a: tuple(implementation(*a)), multiple_results=True)(ctx, *args)
 
     return lower
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import time
 
+# Four virtual CPU devices for the multi-device tests (set before JAX starts its backends;
+# single-device tests run on the first one, as before).
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _FLAGS:
+    os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count=4".strip()
+
 import e3nn_jax as e3nn
 import haiku as hk
 import jax

@@ -311,3 +311,32 @@ def test_indexed_linear_module_in_layer_stack_second_order(backend):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x.array)
 
     assert_trees_close(grads(ours), grads(theirs), rtol=2e-4, atol=2e-4)
+
+
+def _row_mesh():
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 virtual CPU devices)")
+    return jax.make_mesh((4,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_type", OPS, ids=ids)
+def test_shard_map_checks_varying_axes_to_second_order(case_type, backend):
+    """Rows split over 4 devices in ``jax.shard_map`` with ``check_vma=True`` (the default):
+    output, and gradients of the force-training loss (parameters replicated, so their
+    gradient is summed over devices), as on one device."""
+    from jax.sharding import PartitionSpec as P
+
+    case = case_type(rows=8)
+    mesh = _row_mesh()
+    sharded = jax.shard_map(case.op(backend), mesh=mesh, in_specs=(P("rows"), P(), P("rows")),
+                            out_specs=P("rows"))
+    assert_trees_close(jax.jit(sharded)(case.x, case.params, case.indices),
+                       case.spec(case.x, case.params, case.indices))
+    projection = _projection(case)
+
+    def grads(f):
+        return jax.jit(jax.grad(force_training_loss(f, case.indices, projection), argnums=(0, 1)))(
+            case.params, case.x)
+
+    assert_trees_close(grads(sharded), grads(case.spec), rtol=2e-4, atol=2e-4)
