@@ -340,3 +340,35 @@ def test_shard_map_checks_varying_axes_to_second_order(case_type, backend):
             case.params, case.x)
 
     assert_trees_close(grads(sharded), grads(case.spec), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64],
+                         ids=lambda d: d.__name__)
+def test_modules_take_every_float_dtype(dtype):
+    """Through the public modules (the ops' own checks once refused bfloat16): parameters
+    and outputs in the input's dtype, float64 equal to e3nn-jax's at float64 round-off."""
+    import e3nn_jax as e3nn
+    import haiku as hk
+
+    import e3kernels
+
+    with jax.enable_x64(dtype == jnp.float64):
+        x = e3nn.normal("4x0e + 3x1o", jax.random.PRNGKey(0), (10,)).astype(dtype)
+        species = jnp.arange(10) % NUM_SETS
+        outputs = []
+        for namespace in (e3nn.haiku, e3kernels.haiku):
+            linear = hk.without_apply_rng(hk.transform(
+                lambda i, x, ns=namespace: ns.Linear("4x0e + 3x1o", num_indexed_weights=NUM_SETS)(i, x)))
+            params = linear.init(jax.random.PRNGKey(1), species, x)
+            outputs.append(linear.apply(params, species, x).array)
+            assert all(p.dtype == dtype for p in jax.tree.leaves(params))
+        assert outputs[1].dtype == dtype
+        tol = {jnp.bfloat16: 3e-2, jnp.float16: 3e-3, jnp.float32: 1e-5, jnp.float64: 1e-12}[dtype]
+        ours, theirs = (np.asarray(o, np.float64) for o in outputs)
+        np.testing.assert_allclose(ours, theirs, rtol=tol, atol=tol * np.abs(theirs).max())
+
+        xs = e3nn.normal("0e + 1o", jax.random.PRNGKey(2), (10, 3)).astype(dtype)
+        product = hk.without_apply_rng(hk.transform(lambda i, x: e3kernels.haiku.SymmetricTensorProduct(
+            (1, 2), num_indexed_weights=NUM_SETS)(i, x)))
+        params = product.init(jax.random.PRNGKey(1), species, xs)
+        assert product.apply(params, species, xs).dtype == dtype
