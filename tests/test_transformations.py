@@ -372,3 +372,28 @@ def test_modules_take_every_float_dtype(dtype):
             (1, 2), num_indexed_weights=NUM_SETS)(i, x)))
         params = product.init(jax.random.PRNGKey(1), species, xs)
         assert product.apply(params, species, xs).dtype == dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("case_type", OPS, ids=ids)
+def test_sharded_jit_gives_the_one_device_numbers(case_type, backend):
+    """Rows sharded over 4 devices in a plain ``jax.jit``: output and second-order
+    gradients as on one device. (Whether the rows stay sharded in the compiled program is
+    not asserted here: the op sorts all rows, so XLA gathers them; see the README.)"""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    case = case_type(rows=8)
+    mesh = _row_mesh()
+    rows, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
+    x, indices = jax.device_put(case.x, rows), jax.device_put(case.indices, rows)
+    params = jax.device_put(case.params, replicated)
+    expected = case.spec(case.x, case.params, case.indices)
+    assert_trees_close(jax.jit(case.op(backend))(x, params, indices), expected)
+    projection = _projection(case)
+
+    def grads(f, params, x, indices):
+        return jax.jit(jax.grad(force_training_loss(f, indices, projection), argnums=(0, 1)))(params, x)
+
+    assert_trees_close(grads(case.op(backend), params, x, indices),
+                       grads(case.spec, case.params, case.x, case.indices), rtol=2e-4, atol=2e-4)
