@@ -397,3 +397,20 @@ def test_sharded_jit_gives_the_one_device_numbers(case_type, backend):
 
     assert_trees_close(grads(case.op(backend), params, x, indices),
                        grads(case.spec, case.params, case.x, case.indices), rtol=2e-4, atol=2e-4)
+
+
+def test_forward_mode_where_the_implementation_has_it():
+    """``jax.jvp`` of the reference symmetric contraction (plain autodiff) equals the spec's;
+    through a ``custom_vjp`` (the indexed Linear, the kernels) it raises JAX's error."""
+    case = SymmetricContraction()
+    f = lambda backend: lambda x: case.op(backend)(x, case.params, case.indices)
+    tangent = jnp.ones_like(case.x)
+    expected = jax.jvp(lambda x: case.spec(x, case.params, case.indices), (case.x,), (tangent,))[1]
+    for backend in ("reference", "auto"):
+        assert_trees_close(jax.jvp(f(backend), (case.x,), (tangent,))[1], expected)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f("pallas"), (case.x,), (tangent,))
+    linear = IndexedLinear()
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: linear.op("reference")(x, linear.params, linear.indices), (linear.x,),
+                (jnp.ones_like(linear.x),))
