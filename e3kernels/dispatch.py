@@ -28,10 +28,16 @@ one implementation per platform, derived from the platform's own:
   transpose, so kernels without forward mode still train;
 * batching (``jax.vmap``): a :class:`Batched` call, ``jax.vmap`` of each implementation.
 
-Everything else (``jit``, ``lax.scan``, ``jax.checkpoint``, ``jax.export``) needs no
-rule. The cost of this design is that a derivative recomputes what it needs of its
-platform's forward pass from the op's inputs (JAX's own residuals do not cross a
-primitive); on CPU, XLA merges the repeated subexpressions (``make bench`` measures it).
+Under ``shard_map`` (``check_vma=True``) the outputs vary over the mesh axes the inputs
+vary over, replicated inputs being cast first, as for JAX's own primitives; the
+implementations are per-device code and are traced on plain types. Everything else
+(``jit``, ``lax.scan``, ``jax.checkpoint``, ``jax.export``) needs no rule.
+
+The cost of this design is that a derivative recomputes what it needs of its platform's
+forward pass from the op's inputs (JAX's residuals do not cross a primitive). XLA merges
+most of the repeated work: in the MACE block's training step (energy and forces,
+differentiated twice) the run time is no worse than plain autodiff of the reference,
+and the compile time about a quarter longer.
 
 This module is the one place that uses JAX's primitive-level (private) API.
 """
