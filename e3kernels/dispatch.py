@@ -1,7 +1,7 @@
 """Per-platform dispatch: a program traces only the implementation of the platform it is
 lowered for.
 
-An op whose backend may run kernels is bound as one primitive, ``e3kernels_call``. Its
+Every op call, whatever its backend, is bound as one primitive, ``e3kernels_call``. Its
 parameter ``target`` (a :class:`Target`) knows the op's input and output types and, per
 lowering platform (``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"``), the function that
 computes it. Tracing a program only binds the primitive, which costs nothing whatever the
@@ -111,12 +111,11 @@ class Linearized(Target):
         return tuple(_tangent_aval(a) for a in self.inner.out_avals)
 
     def implementation(self, platform):
-        f, n, wrt = self.inner.implementation(platform), len(self.inner.in_avals), self.wrt
+        f = self.inner.implementation(platform)
 
         def jvp(*args):
-            primals, tangents = args[:n], args[n:]
-            g = functools.partial(_call_with, f, primals, wrt)
-            return jax.jvp(g, tuple(primals[i] for i in wrt), tuple(tangents))[1]
+            g, values, tangents = _in_wrt(f, len(self.inner.in_avals), self.wrt, args)
+            return jax.jvp(g, values, tangents)[1]
 
         return jvp
 
@@ -142,13 +141,11 @@ class Vjp(Target):
         return tuple(_tangent_aval(self.inner.in_avals[i]) for i in self.wrt)
 
     def implementation(self, platform):
-        f, n, wrt = self.inner.implementation(platform), len(self.inner.in_avals), self.wrt
+        f = self.inner.implementation(platform)
 
         def vjp(*args):
-            primals, cotangents = args[:n], args[n:]
-            g = functools.partial(_call_with, f, primals, wrt)
-            _, pullback = jax.vjp(g, *(primals[i] for i in wrt))
-            return tuple(pullback(tuple(cotangents)))
+            g, values, cotangents = _in_wrt(f, len(self.inner.in_avals), self.wrt, args)
+            return tuple(jax.vjp(g, *values)[1](cotangents))
 
         return vjp
 
@@ -178,12 +175,18 @@ class Batched(Target):
         return jax.vmap(self.inner.implementation(platform), in_axes=in_axes)
 
 
-def _call_with(f, primals, wrt, *values):
-    """``f(*primals)`` with ``primals[i]`` replaced by ``values`` for ``i`` in ``wrt``."""
-    args = list(primals)
-    for i, v in zip(wrt, values):
-        args[i] = v
-    return tuple(f(*args))
+def _in_wrt(f, num_primals: int, wrt: tuple[int, ...], args):
+    """Split a derived target's ``args`` into the primals and the rest; return ``f`` as a
+    function of the primals in ``wrt`` (the others fixed), their values, and the rest."""
+    primals, rest = args[:num_primals], tuple(args[num_primals:])
+
+    def g(*values):
+        full = list(primals)
+        for i, v in zip(wrt, values):
+            full[i] = v
+        return tuple(f(*full))
+
+    return g, tuple(primals[i] for i in wrt), rest
 
 
 # Under shard_map (check_vma=True) every value's type records the mesh axes it varies

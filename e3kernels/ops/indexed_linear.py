@@ -97,11 +97,8 @@ def matmul_precision(precision: lax.PrecisionLike) -> lax.Precision:
     ...     matmul_precision(None)
     Precision.HIGH
     """
-    if precision is None:
-        setting = jax.config.jax_default_matmul_precision
-        names = {"bfloat16": "default", "fastest": "default", "tensorfloat32": "high",
-                 "float32": "highest"}
-        precision = names.get(setting, setting) if setting is not None else "default"
+    if precision is None:  # lax.Precision reads the setting's names too ("tensorfloat32", ...)
+        precision = jax.config.jax_default_matmul_precision
     if isinstance(precision, tuple):  # JAX allows one per operand; the ops use one for both
         if precision[0] != precision[1]:
             raise ValueError(f"{OP}: precision must be the same for both operands; got {precision}")

@@ -129,6 +129,8 @@ class TileScan:
         return lax.scan(tile, out, self._tiles(grouping))[0]
 
     def weight_grad(self, plan, x, g, grouping: Grouping):
+        acc = accumulation_dtype(x, g)
+
         def tile(sums, tile):
             rows, group = tile
 
@@ -137,12 +139,10 @@ class TileScan:
                 gt = g.at[rows].get(mode="fill", fill_value=0)
                 return tuple(_block_outer(b, xt, gt, self.precision) for b in plan.blocks)
 
-            acc = accumulation_dtype(x, g)
             zeros = tuple(jnp.zeros((b.mul_in, b.mul_out), acc) for b in plan.blocks)
             parts = self._used(group, work, zeros)
             return tuple(s.at[group].add(p, mode="drop") for s, p in zip(sums, parts)), None
 
-        acc = accumulation_dtype(x, g)
         sums = tuple(jnp.zeros((self.num_groups, b.mul_in, b.mul_out), acc) for b in plan.blocks)
         return lax.scan(tile, sums, self._tiles(grouping))[0]
 
