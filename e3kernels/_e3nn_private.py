@@ -5,20 +5,7 @@ e3kernels reuses e3nn-jax's own linear-map machinery rather than re-deriving its
 0.21, so a new e3nn-jax release can move them: this module is what to update then.
 """
 
-from e3nn_jax._src.linear import (
-    FunctionalLinear,
-    linear_mixed,
-    linear_mixed_per_channel,
-    linear_vanilla,
-    parse_gradient_normalization,
-)
+from e3nn_jax._src.linear import FunctionalLinear
 from e3nn_jax._src.utils.dtype import get_pytree_dtype
 
-__all__ = [
-    "FunctionalLinear",
-    "get_pytree_dtype",
-    "linear_mixed",
-    "linear_mixed_per_channel",
-    "linear_vanilla",
-    "parse_gradient_normalization",
-]
+__all__ = ["FunctionalLinear", "get_pytree_dtype"]

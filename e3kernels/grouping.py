@@ -32,17 +32,30 @@ class Grouping(NamedTuple):
     groups: jax.Array
 
 
-class TileSchedule(NamedTuple):
-    """Tiles of at most ``tile_rows`` sorted rows, each inside one group."""
+class RowTiles(NamedTuple):
+    """The one tile schedule of every kernel: tiles of at most ``tile_rows`` rows, each inside
+    one group (all int32 arrays; ``T`` tiles, ``N`` rows)."""
 
-    #: (T,) int32 group of each tile (S for invalid rows and for unused tiles)
+    #: ``(N,)`` row ids in tile order (``None``: rows stay in place, as with shared weights)
+    order: jax.Array | None
+    #: ``(T,)`` group of each tile (``S`` for invalid rows and for unused tiles)
     group: jax.Array
-    #: (T,) int32 first position of the tile in ``Grouping.order``
+    #: ``(T,)`` position in ``order`` of each tile's first row
     start: jax.Array
-    #: (T,) int32 one past its last position (``start == end`` for an empty tile)
+    #: ``(T,)`` one past its last position (``start == end`` for an empty tile)
     end: jax.Array
-    #: (S + 2,) int32 index of each group's first tile (``first[S + 1]`` = tiles used)
-    first: jax.Array
+    #: ``(N,)`` each row's slot ``tile * tile_rows + i`` in the tiled, padded layout
+    slot: jax.Array
+
+    def rows_of_slots(self, tile_rows: int) -> jax.Array:
+        """``(T * tile_rows,)``: the row each slot of the tiled layout holds, ``N`` for
+        padding (gather with a fill value). The inverse of :attr:`slot`."""
+        num_rows = self.slot.shape[0]
+        offset = jnp.arange(tile_rows, dtype=jnp.int32)
+        position = self.start[:, None] + offset
+        if self.order is not None:
+            position = self.order[jnp.clip(position, 0, max(num_rows - 1, 0))]
+        return jnp.where(offset < (self.end - self.start)[:, None], position, num_rows).reshape(-1)
 
 
 def group_rows(indices: jax.Array, num_groups: int) -> Grouping:
@@ -61,7 +74,7 @@ def num_tiles(num_rows: int, num_groups: int, tile_rows: int) -> int:
     return -(-num_rows // tile_rows) + num_groups
 
 
-def tile_schedule(grouping: Grouping, tile_rows: int) -> TileSchedule:
+def tile_schedule(grouping: Grouping, tile_rows: int) -> RowTiles:
     """Cut every group into tiles of ``tile_rows`` rows (the last one of a group shorter)."""
     bounds = grouping.bounds
     num_rows, invalid = grouping.order.shape[0], bounds.shape[0] - 2
@@ -74,32 +87,18 @@ def tile_schedule(grouping: Grouping, tile_rows: int) -> TileSchedule:
     start = bounds[group] + (tile - first[group]) * tile_rows
     end = jnp.minimum(start + tile_rows, bounds[group + 1])
     used = tile < first[-1]
-    return TileSchedule(
+    # sorted position p of group g sits in slot first[g] * tile_rows + (p - bounds[g])
+    position = jnp.arange(num_rows, dtype=jnp.int32)
+    sorted_group = grouping.groups[grouping.order]
+    slot_of_position = first[sorted_group] * tile_rows + position - bounds[sorted_group]
+    slot = jnp.zeros(num_rows, jnp.int32).at[grouping.order].set(slot_of_position, unique_indices=True)
+    return RowTiles(
+        order=grouping.order,
         group=jnp.where(used, group, invalid).astype(jnp.int32),
         start=jnp.where(used, start, num_rows).astype(jnp.int32),
         end=jnp.where(used, end, num_rows).astype(jnp.int32),
-        first=first,
+        slot=slot,
     )
-
-
-def padded_slots(grouping: Grouping, tiles: TileSchedule, tile_rows: int) -> tuple[jax.Array, jax.Array]:
-    """A layout where tile ``t`` owns rows ``t * tile_rows`` to ``(t + 1) * tile_rows``.
-
-    Returns ``(slot_of_row, row_of_slot)``: where each row goes, shape (N,), and which row
-    each of the ``T * tile_rows`` slots holds, ``N`` for padding (gather it with a fill).
-    """
-    num_rows = grouping.order.shape[0]
-    position = jnp.arange(num_rows, dtype=jnp.int32)
-    group = grouping.groups[grouping.order]
-    slot_of_position = tiles.first[group] * tile_rows + position - grouping.bounds[group]
-    num_slots = tiles.group.shape[0] * tile_rows
-    row_of_slot = jnp.full(num_slots, num_rows, jnp.int32).at[slot_of_position].set(
-        grouping.order, unique_indices=True
-    )
-    slot_of_row = jnp.zeros(num_rows, jnp.int32).at[grouping.order].set(
-        slot_of_position, unique_indices=True
-    )
-    return slot_of_row, row_of_slot
 
 
 def one_hot_groups(groups: jax.Array, num_groups: int) -> jax.Array:
@@ -121,45 +120,21 @@ def sum_by_group(values: jax.Array, groups: jax.Array, num_groups: int) -> jax.A
     summed = jnp.dot(one_hot.T, flat, precision=jax.lax.Precision.HIGHEST)
     return summed.reshape((num_groups,) + values.shape[1:])
 
-class RowTiles(NamedTuple):
-    """A tile schedule (all int32 arrays; ``T`` tiles, ``N`` rows)."""
-
-    #: ``(N,)`` rows sorted by group (``None``: rows stay in place, as with shared weights)
-    order: jax.Array | None
-    #: ``(T,)`` group of each tile; ``S`` for invalid rows and unused tiles
-    group: jax.Array
-    #: ``(T,)`` position in ``order`` of each tile's first row
-    begin: jax.Array
-    #: ``(T,)`` rows in each tile, ``0..block``
-    count: jax.Array
-    #: ``(N,)`` each row's place ``tile * block + i`` in the tiled, padded row layout
-    slot: jax.Array
-
-
-def shared_row_tiles(num_rows: int, block: int) -> RowTiles:
+def shared_row_tiles(num_rows: int, tile_rows: int) -> RowTiles:
     """Consecutive rows, one group (shared weights)."""
-    begin = jnp.arange(cdiv(num_rows, block), dtype=jnp.int32) * block
+    start = jnp.arange(cdiv(num_rows, tile_rows), dtype=jnp.int32) * tile_rows
     return RowTiles(
         order=None,
-        group=jnp.zeros_like(begin),
-        begin=begin,
-        count=jnp.minimum(block, num_rows - begin),
+        group=jnp.zeros_like(start),
+        start=start,
+        end=jnp.minimum(start + tile_rows, num_rows),
         slot=jnp.arange(num_rows, dtype=jnp.int32),
     )
 
 
-def grouped_row_tiles(indices: jax.Array, num_groups: int, block: int) -> RowTiles:
-    """Rows sorted by ``indices``, tiles never mixing two groups (``e3kernels.grouping``'s schedule)."""
-    grouping = group_rows(indices, num_groups)
-    schedule = tile_schedule(grouping, block)
-    slot, _ = padded_slots(grouping, schedule, block)
-    return RowTiles(
-        order=grouping.order,
-        group=schedule.group,
-        begin=schedule.start,
-        count=schedule.end - schedule.start,
-        slot=slot,
-    )
+def grouped_row_tiles(indices: jax.Array, num_groups: int, tile_rows: int) -> RowTiles:
+    """Rows sorted by ``indices``, tiles never mixing two groups."""
+    return tile_schedule(group_rows(indices, num_groups), tile_rows)
 
 
 def cdiv(a, b: int):

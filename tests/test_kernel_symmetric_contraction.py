@@ -27,8 +27,8 @@ from e3kernels.reference.symmetric_contraction import symmetric_contraction as r
 from e3kernels.symmetric_terms import symmetric_terms
 
 STYLES = {
-    "triton": dataclasses.replace(kernels.TRITON_INTERPRET, rows_per_tile=8),
-    "mosaic": dataclasses.replace(kernels.MOSAIC_INTERPRET, rows_per_tile=8),
+    "triton": dataclasses.replace(kernels.TRITON_INTERPRET, tile_rows=8),
+    "mosaic": dataclasses.replace(kernels.MOSAIC_INTERPRET, tile_rows=8),
 }
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -71,7 +71,7 @@ def inputs(case: Case, dtype=jnp.float32, seed=0):
 
 
 def kernel_fn(case: Case, style):
-    return lambda x, w, i: kernels.symmetric_contraction(x, w, i, plan=case.plan, style=style)
+    return lambda x, w, i: kernels.symmetric_contraction(x, w, i, plan=case.plan, config=style)
 
 
 def reference_fn(case: Case):

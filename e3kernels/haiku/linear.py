@@ -1,35 +1,27 @@
-"""``Linear``: drop-in for ``e3nn_jax.haiku.Linear`` whose indexed form runs on our op."""
+"""``Linear``: ``e3nn_jax.haiku.Linear`` whose indexed form runs on our op."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import e3nn_jax as e3nn
-import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from e3kernels import backend as _backend
 from e3kernels import ops
-from e3kernels._e3nn_private import (
-    FunctionalLinear,
-    get_pytree_dtype,
-    linear_mixed,
-    linear_mixed_per_channel,
-    linear_vanilla,
-    parse_gradient_normalization,
-)
+from e3kernels._e3nn_private import FunctionalLinear, get_pytree_dtype
 from e3kernels.irreps import LinearPlan, linear_parameter_name
 
 
-class Linear(hk.Module):
-    r"""Equivariant linear layer, a drop-in replacement for ``e3nn_jax.haiku.Linear``.
+class Linear(e3nn.haiku.Linear):
+    r"""Equivariant linear layer: ``e3nn_jax.haiku.Linear`` with the indexed form on a kernel.
 
-    Same signature, call forms, parameter names, shapes, initialisation and numbers as
-    e3nn-jax 0.21. The indexed form ``(i, x)`` runs :func:`e3kernels.ops.indexed_linear`
+    A subclass of e3nn-jax 0.21's module: same signature, call forms, parameter names,
+    shapes, initialisation and numbers. The vanilla ``(x)`` and weighted ``(w, x)`` forms
+    are e3nn-jax's own. The indexed form ``(i, x)`` runs :func:`e3kernels.ops.indexed_linear`
     (a fused Pallas kernel on GPU/TPU, a sort-and-group matmul on CPU) instead of copying
     every weight matrix per row.
 
@@ -105,7 +97,7 @@ class Linear(hk.Module):
         biases: bool = False,
         path_normalization: str | float | None = None,
         gradient_normalization: str | float | None = None,
-        parameter_initializer: Callable[[], hk.initializers.Initializer] | None = None,
+        parameter_initializer: Callable[[], Any] | None = None,
         instructions: list[tuple[int, int]] | None = None,
         num_indexed_weights: int | None = None,
         weights_per_channel: bool = False,
@@ -114,7 +106,6 @@ class Linear(hk.Module):
         name: str | None = None,
         backend: str | None = None,
     ):
-        super().__init__(name)
         if num_indexed_weights is not None and (
             not isinstance(num_indexed_weights, int) or num_indexed_weights < 1
         ):
@@ -122,21 +113,22 @@ class Linear(hk.Module):
                 "Linear: num_indexed_weights must be a positive int or None; "
                 f"got {num_indexed_weights!r}"
             )
-        self.irreps_in = None if irreps_in is None else e3nn.Irreps(irreps_in)
-        self.irreps_out = e3nn.Irreps(irreps_out)
-        self.channel_out = channel_out
-        self.biases = biases
-        self.path_normalization = path_normalization
-        self.gradient_normalization = parse_gradient_normalization(gradient_normalization)
-        self.instructions = instructions
-        self.num_indexed_weights = num_indexed_weights
-        self.weights_per_channel = weights_per_channel
-        self.force_irreps_out = force_irreps_out
-        self.simplify_irreps_internally = simplify_irreps_internally
-        self.backend = None if backend is None else _backend.validate_backend(backend)
-        self.get_parameter = functools.partial(
-            _get_parameter, parameter_initializer=parameter_initializer
+        super().__init__(
+            irreps_out,
+            channel_out,
+            irreps_in=irreps_in,
+            biases=biases,
+            path_normalization=path_normalization,
+            gradient_normalization=gradient_normalization,
+            parameter_initializer=parameter_initializer,
+            instructions=instructions,
+            num_indexed_weights=num_indexed_weights,
+            weights_per_channel=weights_per_channel,
+            force_irreps_out=force_irreps_out,
+            simplify_irreps_internally=simplify_irreps_internally,
+            name=name,
         )
+        self.backend = None if backend is None else _backend.validate_backend(backend)
 
     def __call__(self, weights_or_input, input_or_none=None) -> e3nn.IrrepsArray:
         """Apply the layer: ``(x)``, ``(w, x)`` with float ``w``, or ``(i, x)`` with int ``i``.
@@ -156,70 +148,41 @@ class Linear(hk.Module):
         else:
             weights, input = weights_or_input, input_or_none
         input = _as_irreps_array(input)
+        if weights is not None:
+            weights = self._checked_weights(weights)
+        self._check_options(weights)
+        if self.channel_out is None:  # with channel_out, the irreps to check are formed later
+            self._check_irreps_in(input)
+        if weights is not None and self.num_indexed_weights is not None:
+            return self._indexed(weights, input)
+        return super().__call__(input) if weights is None else super().__call__(weights, input)
 
-        dtype = get_pytree_dtype(weights, input)
-        if dtype.kind == "i":
-            dtype = jnp.dtype(jnp.float32)
-        input = input.astype(dtype)
+    def _checked_weights(self, weights) -> jax.Array:
+        if isinstance(weights, e3nn.IrrepsArray):
+            if not weights.irreps.is_scalar():
+                raise ValueError(f"Linear: weights must be scalars (0e); got irreps {weights.irreps}")
+            weights = weights.array
+        weights = jnp.asarray(weights)
+        indexed = self.num_indexed_weights is not None
+        if weights.dtype.kind != ("i" if indexed else "f"):
+            raise ValueError(
+                "Linear: weights must be integers with num_indexed_weights set, or floats "
+                f"without it; got weights of dtype {weights.dtype} and "
+                f"num_indexed_weights={self.num_indexed_weights}"
+            )
+        return weights
 
-        irreps_out = self.irreps_out
-        if self.simplify_irreps_internally:
-            input = input.remove_zero_chunks().regroup()
-            irreps_out = irreps_out.simplify()
-        if not self.force_irreps_out:
-            irreps_out = irreps_out.filter(keep=input.irreps)
-        if self.channel_out is not None:
-            if self.weights_per_channel:
-                raise ValueError("Linear: channel_out and weights_per_channel=True exclude each other")
-            input = input.axis_to_mul()
-            irreps_out = self.channel_out * irreps_out
-        self._check_irreps_in(input)  # where e3nn checks: after simplification
-
-        lin = FunctionalLinear(
-            input.irreps,
-            irreps_out,
-            biases=self.biases,
-            instructions=self.instructions,
-            path_normalization=self.path_normalization,
-            gradient_normalization=self.gradient_normalization,
-        )
-
-        if weights is None:
-            if self.weights_per_channel:
-                raise ValueError(
-                    "Linear: weights_per_channel=True needs the (weights, input) call form"
-                )
-            output = linear_vanilla(input, lin, self.get_parameter)
-        else:
-            if isinstance(weights, e3nn.IrrepsArray):
-                if not weights.irreps.is_scalar():
-                    raise ValueError(
-                        f"Linear: weights must be scalars (0e); got irreps {weights.irreps}"
-                    )
-                weights = weights.array
-            weights = jnp.asarray(weights)
-            if weights.dtype.kind in "iu" and self.num_indexed_weights is not None:
-                if self.weights_per_channel:
-                    raise NotImplementedError(
-                        "Linear: weights_per_channel=True with num_indexed_weights is not "
-                        "supported (neither is it in e3nn-jax)"
-                    )
-                output = self._indexed(input, lin, weights)
-            elif weights.dtype.kind in "fc" and self.num_indexed_weights is None:
-                mixed = linear_mixed_per_channel if self.weights_per_channel else linear_mixed
-                output = mixed(input, lin, self.get_parameter, weights, self.gradient_normalization)
-            else:
-                raise ValueError(
-                    "Linear: weights must be integers with num_indexed_weights set, or floats "
-                    f"without it; got weights of dtype {weights.dtype} and "
-                    f"num_indexed_weights={self.num_indexed_weights}"
-                )
-
-        if self.channel_out is not None:
-            output = output.mul_to_axis(self.channel_out)
-        if self.force_irreps_out:
-            return output.rechunk(self.irreps_out)
-        return output
+    def _check_options(self, weights) -> None:
+        """Clear errors where e3nn-jax asserts, or names another module."""
+        if self.channel_out is not None and self.weights_per_channel:
+            raise ValueError("Linear: channel_out and weights_per_channel=True exclude each other")
+        if self.weights_per_channel and weights is None:
+            raise ValueError("Linear: weights_per_channel=True needs the (weights, input) call form")
+        if self.weights_per_channel and self.num_indexed_weights is not None:
+            raise NotImplementedError(
+                "Linear: weights_per_channel=True with num_indexed_weights is not supported "
+                "(neither is it in e3nn-jax)"
+            )
 
     def _check_irreps_in(self, input: e3nn.IrrepsArray) -> None:
         if self.instructions is None:
@@ -241,7 +204,30 @@ class Linear(hk.Module):
                 f"irreps_in={self.irreps_in} exactly"
             )
 
-    def _indexed(self, input: e3nn.IrrepsArray, lin: FunctionalLinear, indices: jax.Array):
+    def _indexed(self, indices: jax.Array, input: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
+        # e3nn-jax's __call__ builds its FunctionalLinear inline, with no hook to reuse:
+        # these lines follow it step for step up to `lin`, and after the op.
+        dtype = get_pytree_dtype(indices, input)
+        input = input.astype(jnp.float32 if dtype.kind == "i" else dtype)
+        irreps_out = self.irreps_out
+        if self.simplify_irreps_internally:
+            input = input.remove_zero_chunks().regroup()
+            irreps_out = irreps_out.simplify()
+        if not self.force_irreps_out:
+            irreps_out = irreps_out.filter(keep=input.irreps)
+        if self.channel_out is not None:
+            input = input.axis_to_mul()
+            irreps_out = self.channel_out * irreps_out
+            self._check_irreps_in(input)
+        lin = FunctionalLinear(
+            input.irreps,
+            irreps_out,
+            biases=self.biases,
+            instructions=self.instructions,
+            path_normalization=self.path_normalization,
+            gradient_normalization=self.gradient_normalization,
+        )
+
         num = self.num_indexed_weights
         params = [
             self.get_parameter(
@@ -257,21 +243,15 @@ class Linear(hk.Module):
         num_rows = math.prod(shape)
         rows = input.broadcast_to(shape + (-1,)).array.reshape(num_rows, lin.irreps_in.dim)
         indices = jnp.broadcast_to(indices, shape).reshape(num_rows)
-        out = ops.indexed_linear(
-            rows, weights, indices, plan, biases=biases, backend=self.backend
-        )
-        return e3nn.IrrepsArray(
+        out = ops.indexed_linear(rows, weights, indices, plan, biases=biases, backend=self.backend)
+        output = e3nn.IrrepsArray(
             lin.irreps_out, out.reshape(shape + (lin.irreps_out.dim,)), zero_flags=plan.zero_flags
         )
-
-
-def _get_parameter(name, shape, weight_std, dtype=jnp.float32, parameter_initializer=None):
-    """e3nn's parameter getter: ``hk.get_parameter`` with a normal(weight_std) default init."""
-    if parameter_initializer is None:
-        init = hk.initializers.RandomNormal(stddev=weight_std)
-    else:
-        init = parameter_initializer()
-    return hk.get_parameter(name, shape=shape, dtype=dtype, init=init)
+        if self.channel_out is not None:
+            output = output.mul_to_axis(self.channel_out)
+        if self.force_irreps_out:
+            return output.rechunk(self.irreps_out)
+        return output
 
 
 def _as_irreps_array(input: Any) -> e3nn.IrrepsArray:

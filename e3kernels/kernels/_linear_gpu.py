@@ -16,7 +16,6 @@ power-of-two shape (rows, chunk); dot operands are at least 16 wide.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -27,6 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from e3kernels.grouping import Grouping, tile_schedule
 from e3kernels.irreps import LinearPlan, Segment, output_segments
+from e3kernels.kernels._common import KernelConfig, dot
 
 #: widest chunk of a multiplicity in one dot operand (a 128 x 128 float32 tile is 64 KiB)
 MAX_CHUNK = 128
@@ -34,20 +34,8 @@ MAX_CHUNK = 128
 MIN_DOT = 16
 #: the largest weight tile kept in registers across the irrep components, in elements
 HOIST_LIMIT = 2 * 128 * 128
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuConfig:
-    """Launch parameters; ``tile_rows`` must be a power of two >= 16."""
-
-    tile_rows: int = 32
-    #: rows summed by one weight-gradient program (a multiple of ``tile_rows``)
-    wgrad_tile_rows: int = 128
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def compiler_params(self):
-        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+#: rows summed by one weight-gradient program, in sub-tiles of ``config.tile_rows``
+WGRAD_TILE_ROWS = 128
 
 
 def chunks(size: int) -> list[tuple[int, int]]:
@@ -74,20 +62,11 @@ def _tile_rows(order_ref, start, end, size):
     return plgpu.load(order_ref.at[position], mask=inside, other=order_ref.shape[0]), inside
 
 
-def _dot(a, b, precision, contract_rows=False):
-    """``a @ b`` (``a.T @ b`` with ``contract_rows``) in float32, at the given precision."""
-    dtype = jnp.promote_types(a.dtype, b.dtype)
-    dims = (((0,), (0,)) if contract_rows else ((1,), (0,)), ((), ()))
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
-                           precision=precision if dtype == jnp.float32 else None,
-                           preferred_element_type=jnp.float32)
-
-
 # ---- forward / input gradient --------------------------------------------------------------
 
 
 def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: int, fill: float,
-          *, precision, interpret: bool, config: GpuConfig):
+          *, precision, config: KernelConfig):
     """``out[n] = sum_b pw_b * x_b[n] W_b[s] + biases`` with ``s`` the group of row ``n``.
 
     Rows of the invalid group ``num_groups`` are set to ``fill``.
@@ -102,8 +81,8 @@ def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: 
         kernel,
         out_shape=jax.ShapeDtypeStruct((x.shape[0], plan.dim_out), x.dtype),
         grid=(tiles.group.shape[0], len(work)),
-        interpret=interpret,
-        compiler_params=config.compiler_params(),
+        interpret=config.pallas_interpret,
+        compiler_params=config.triton_params(),
         name="indexed_linear_gpu",
     )
     return call(tiles.group, tiles.start, tiles.end, grouping.order, x, *weights, *biases)
@@ -136,7 +115,7 @@ def _write_chunk(seg: Segment, v_start, v_width, *, plan, rows, inside, weight_s
         acc = jnp.zeros((rows.shape[0], v_width), jnp.float32)
         for block, u, u_ok, weight in terms:
             x = _load(x_ref, rows, block.in_start + u * block.ir_dim + m, inside, u_ok)
-            acc += block.path_weight * _dot(x, weight(), precision)
+            acc += block.path_weight * dot(x, weight(), precision)
         for k in seg.biases:
             bias = plgpu.load(b_refs[k].at[weight_set, v], mask=v_ok, other=0)
             acc += plan.biases[k].path_weight * bias.astype(jnp.float32)[None, :]
@@ -174,14 +153,14 @@ def _constant(value):
 
 
 def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
-                    *, precision, interpret: bool, config: GpuConfig):
+                    *, precision, config: KernelConfig):
     """Per-tile partial weight gradients, ``(T, mul_in, mul_out)`` float32 per block, and
     the group of each tile. Blocks with an empty weight get ``None``.
 
     ``partial[t] = pw * sum over the tile's rows n and m of x_b[n, :, m]^T g_b[n, :, m]``,
     zero for tiles of the invalid group.
     """
-    tiles = tile_schedule(grouping, config.wgrad_tile_rows)
+    tiles = tile_schedule(grouping, WGRAD_TILE_ROWS)
     num_tiles = tiles.group.shape[0]
     active = [k for k, b in enumerate(plan.blocks) if b.mul_in and b.mul_out]
     work = tuple(
@@ -202,8 +181,8 @@ def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
         kernel,
         out_shape=out_shape,
         grid=(num_tiles, len(work)),
-        interpret=interpret,
-        compiler_params=config.compiler_params(),
+        interpret=config.pallas_interpret,
+        compiler_params=config.triton_params(),
         name="indexed_linear_weight_grad_gpu",
     )
     partials = call(tiles.group, tiles.start, tiles.end, grouping.order, x, g)
@@ -234,7 +213,7 @@ def _weight_chunk(block, u, v, *, tile, group, start, end, num_groups, precision
         for m in range(block.ir_dim):
             x = _load(x_ref, rows, block.in_start + u * block.ir_dim + m, inside, u_ok)
             g = _load(g_ref, rows, block.out_start + v * block.ir_dim + m, inside, v_ok)
-            acc += _dot(x, g, precision, contract_rows=True)
+            acc += dot(x, g, precision, contract_rows=True)
         return acc
 
     num_sub_tiles = (end - start + tile_rows - 1) // tile_rows

@@ -2,7 +2,7 @@
 
 Mosaic works on (8, 128)-tiled blocks that BlockSpecs DMA in, so rows are not gathered in
 the kernel: the wrapper gathers ``x`` into a padded layout where every tile of
-``tile_rows`` slots holds rows of one group (:func:`e3kernels.grouping.padded_slots`), and lays
+``tile_rows`` slots holds rows of one group (:meth:`e3kernels.grouping.RowTiles.rows_of_slots`), and lays
 each block out component-major, ``(ir_dim, slots, mul)``. The kernels are then grouped
 matmuls whose weight block is picked by the tile's group, read from scalar prefetch
 (as in megablox's gmm): ``out[m, tile] = sum_b pw_b * x_b[m, tile] @ W_b[group[tile]]``.
@@ -11,7 +11,6 @@ The wrapper undoes the layout and the sort; XLA fuses these copies with the gath
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -19,26 +18,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import Grouping, padded_slots, tile_schedule
+from e3kernels.grouping import Grouping, tile_schedule
 from e3kernels.irreps import LinearBlock, LinearPlan, Segment, output_segments
+from e3kernels.kernels._common import KernelConfig, dot
 
 #: rows per weight-gradient tile: the lane dimension of its (ir_dim, mul, rows) blocks
 WGRAD_TILE_ROWS = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuConfig:
-    """``tile_rows``: slots per forward tile, a multiple of 16 (bfloat16 sublane packing)."""
-
-    tile_rows: int = 128
-
-
 def _compiler_params():
     return pltpu.CompilerParams(dimension_semantics=("parallel",))
-
-
-def _interpret(interpret: bool):
-    return pltpu.InterpretParams() if interpret else False
 
 
 def _component_major(rows, start: int, mul: int, ir_dim: int, rows_last: bool = False):
@@ -48,38 +37,32 @@ def _component_major(rows, start: int, mul: int, ir_dim: int, rows_last: bool = 
     return block.transpose(2, 1, 0) if rows_last else block.transpose(2, 0, 1)
 
 
-def _dot(a, b, precision):
-    dtype = jnp.promote_types(a.dtype, b.dtype)
-    return jnp.dot(a.astype(dtype), b.astype(dtype), precision=precision if dtype == jnp.float32 else None,
-                   preferred_element_type=jnp.float32)
-
-
 # ---- forward / input gradient --------------------------------------------------------------
 
 
 def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: int, fill: float,
-          *, precision, interpret: bool, config: TpuConfig):
+          *, precision, config: KernelConfig):
     """As :func:`._linear_gpu.apply`: rows of the invalid group are set to ``fill``."""
     tile_rows = config.tile_rows
     tiles = tile_schedule(grouping, tile_rows)
-    slot_of_row, row_of_slot = padded_slots(grouping, tiles, tile_rows)
-    padded = jnp.take(x, row_of_slot, axis=0, mode="fill", fill_value=0)
+    padded = jnp.take(x, tiles.rows_of_slots(tile_rows), axis=0, mode="fill", fill_value=0)
     columns = []
     for seg in output_segments(plan):
         if seg.blocks or seg.biases:
             y = _segment_call(seg, plan, padded, weights, biases, tiles.group, num_groups,
-                              precision=precision, interpret=interpret, tile_rows=tile_rows)
+                              precision=precision, config=config)
             columns.append(y.transpose(1, 2, 0).reshape(padded.shape[0], seg.width))
         else:
             columns.append(jnp.zeros((padded.shape[0], seg.width), x.dtype))
-    out = jnp.concatenate(columns, axis=1)[slot_of_row]
+    out = jnp.concatenate(columns, axis=1)[tiles.slot]
     return jnp.where((grouping.groups < num_groups)[:, None], out, jnp.asarray(fill, out.dtype))
 
 
 def _segment_call(seg: Segment, plan, padded, weights, biases, tile_group, num_groups,
-                  *, precision, interpret, tile_rows):
+                  *, precision, config: KernelConfig):
     """One output segment, ``(ir_dim, slots, mul)``, as a grouped matmul over the tiles."""
     blocks = [plan.blocks[k] for k in seg.blocks]
+    tile_rows = config.tile_rows
     weight_set = lambda t, group: (jnp.minimum(group[t], num_groups - 1), 0, 0)
     row_tile = lambda t, group: (0, t, 0)
     operands = [_component_major(padded, b.in_start, b.mul_in, b.ir_dim) for b in blocks]
@@ -101,7 +84,7 @@ def _segment_call(seg: Segment, plan, padded, weights, biases, tile_group, num_g
             in_specs=in_specs,
             out_specs=pl.BlockSpec((seg.ir_dim, tile_rows, seg.mul), row_tile),
         ),
-        interpret=_interpret(interpret),
+        interpret=config.pallas_interpret,
         compiler_params=_compiler_params(),
         name="indexed_linear_tpu",
     )
@@ -115,7 +98,7 @@ def _segment_kernel(group_ref, *refs, blocks: list[LinearBlock], bias_weights, i
     for m in range(ir_dim):
         acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
         for block, x_ref, w_ref in zip(blocks, x_refs, w_refs):
-            acc += block.path_weight * _dot(x_ref[m], w_ref[...], precision)
+            acc += block.path_weight * dot(x_ref[m], w_ref[...], precision)
         for path_weight, b_ref in zip(bias_weights, b_refs):
             acc += path_weight * b_ref[...].astype(jnp.float32)
         out_ref[m] = acc.astype(out_ref.dtype)
@@ -125,21 +108,22 @@ def _segment_kernel(group_ref, *refs, blocks: list[LinearBlock], bias_weights, i
 
 
 def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
-                    *, precision, interpret: bool):
+                    *, precision, config: KernelConfig):
     """As :func:`._linear_gpu.weight_partials`, on tiles of :data:`WGRAD_TILE_ROWS` slots."""
     tiles = tile_schedule(grouping, WGRAD_TILE_ROWS)
-    _, row_of_slot = padded_slots(grouping, tiles, WGRAD_TILE_ROWS)
+    row_of_slot = tiles.rows_of_slots(WGRAD_TILE_ROWS)
     x_padded = jnp.take(x, row_of_slot, axis=0, mode="fill", fill_value=0)
     g_padded = jnp.take(g, row_of_slot, axis=0, mode="fill", fill_value=0)
     partials = [
         _weight_call(b, x_padded, g_padded, tiles.group, num_groups, precision=precision,
-                     interpret=interpret) if b.mul_in and b.mul_out else None
+                     config=config) if b.mul_in and b.mul_out else None
         for b in plan.blocks
     ]
     return partials, tiles.group
 
 
-def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups, *, precision, interpret):
+def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups, *, precision,
+                 config: KernelConfig):
     ir, rows = block.ir_dim, WGRAD_TILE_ROWS
     num_tiles = tile_group.shape[0]
     call = pl.pallas_call(
@@ -154,7 +138,7 @@ def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups,
             ],
             out_specs=pl.BlockSpec((None, block.mul_in, block.mul_out), lambda t, group: (t, 0, 0)),
         ),
-        interpret=_interpret(interpret),
+        interpret=config.pallas_interpret,
         compiler_params=_compiler_params(),
         name="indexed_linear_weight_grad_tpu",
     )
@@ -166,6 +150,6 @@ def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups,
 def _weight_kernel(group_ref, x_ref, g_ref, out_ref, *, block, num_groups, precision):
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     for m in range(block.ir_dim):
-        acc += _dot(x_ref[m], g_ref[m], precision)
+        acc += dot(x_ref[m], g_ref[m], precision)
     invalid = group_ref[pl.program_id(0)] >= num_groups
     out_ref[...] = jnp.where(invalid, 0.0, block.path_weight * acc)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 
 from e3kernels.kernels import _sparse_polynomial_mosaic, _sparse_polynomial_triton
+from e3kernels.kernels._common import KernelConfig
 from e3kernels.symmetric_terms import (
     SparsePolynomial,
     coefficient_gradient,
@@ -28,49 +28,37 @@ from e3kernels.symmetric_terms import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelStyle:
-    """Which kernels run: ``"triton"`` (GPU) or ``"mosaic"`` (TPU), and their ``interpret``
-    argument (``True`` for Triton-style on CPU, ``pltpu.InterpretParams()`` for Mosaic)."""
+def with_tile_rows(config: KernelConfig) -> KernelConfig:
+    """``config`` with its ``tile_rows`` set (the family's default when ``None``): the rows
+    per tile of the :class:`~e3kernels.grouping.RowTiles` the kernels are given."""
+    if config.tile_rows is not None:
+        return config
+    return dataclasses.replace(config, tile_rows=_family(config).ROW_BLOCK)
 
-    family: str
-    interpret: Any = False
-    #: rows per tile (``None``: the kernels' ``ROW_BLOCK``); a tuning knob, and small
-    #: blocks keep interpret-mode tests fast while still spanning several tiles
-    rows_per_tile: int | None = None
 
-    @property
-    def kernels(self):
-        return {"triton": _sparse_polynomial_triton, "mosaic": _sparse_polynomial_mosaic}[self.family]
-
-    @property
-    def row_block(self) -> int:
-        """Rows per tile of the schedule the kernels expect."""
-        return self.rows_per_tile or self.kernels.ROW_BLOCK
-
-    def options(self) -> dict[str, Any]:
-        return {"row_block": self.row_block, "interpret": self.interpret}
+def _family(config: KernelConfig):
+    return {"triton": _sparse_polynomial_triton, "mosaic": _sparse_polynomial_mosaic}[config.family]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def polynomial(style: KernelStyle, poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles):
+def polynomial(config: KernelConfig, poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles):
     """``poly`` on inputs ``zs`` (each ``(N, C, size)``) with coefficient table ``coefs``
     ``(S, Q, C)``; rows of tiles in group ``S`` (invalid indices) are written as ``fill``.
     Returns one ``(N, C, size)`` array per output, of the dtypes ``out_dtypes``."""
-    outs = style.kernels.polynomial(poly, fill, out_dtypes, zs, coefs, tiles, **style.options())
+    outs = _family(config).polynomial(poly, fill, out_dtypes, zs, coefs, tiles, config=config)
     return tuple(outs)
 
 
-def _polynomial_fwd(style, poly, fill, out_dtypes, zs, coefs, tiles):
-    return polynomial(style, poly, fill, out_dtypes, zs, coefs, tiles), (zs, coefs, tiles)
+def _polynomial_fwd(config, poly, fill, out_dtypes, zs, coefs, tiles):
+    return polynomial(config, poly, fill, out_dtypes, zs, coefs, tiles), (zs, coefs, tiles)
 
 
-def _polynomial_bwd(style, poly, fill, out_dtypes, residuals, cotangents):
+def _polynomial_bwd(config, poly, fill, out_dtypes, residuals, cotangents):
     del fill, out_dtypes  # invalid rows' gradients are 0, as through jnp.where
     zs, coefs, tiles = residuals
     with_cotangents = tuple(zs) + tuple(cotangents)
-    grad_zs = polynomial(style, input_gradient(poly), 0.0, _dtypes(zs), with_cotangents, coefs, tiles)
-    grad_coefs = row_reduction(style, coefficient_gradient(poly), coefs.shape[0], with_cotangents, tiles)
+    grad_zs = polynomial(config, input_gradient(poly), 0.0, _dtypes(zs), with_cotangents, coefs, tiles)
+    grad_coefs = row_reduction(config, coefficient_gradient(poly), coefs.shape[0], with_cotangents, tiles)
     return grad_zs, grad_coefs, _no_cotangent(tiles)
 
 
@@ -78,21 +66,21 @@ polynomial.defvjp(_polynomial_fwd, _polynomial_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def row_reduction(style: KernelStyle, reduction: SparsePolynomial, num_groups: int, zs, tiles):
+def row_reduction(config: KernelConfig, reduction: SparsePolynomial, num_groups: int, zs, tiles):
     """``(S, Q, C)`` float32: per weight set, the sum over its rows of ``reduction``'s terms
     (rows with invalid indices left out)."""
-    return style.kernels.row_reduction(reduction, num_groups, zs, tiles, **style.options())
+    return _family(config).row_reduction(reduction, num_groups, zs, tiles, config=config)
 
 
-def _row_reduction_fwd(style, reduction, num_groups, zs, tiles):
-    return row_reduction(style, reduction, num_groups, zs, tiles), (zs, tiles)
+def _row_reduction_fwd(config, reduction, num_groups, zs, tiles):
+    return row_reduction(config, reduction, num_groups, zs, tiles), (zs, tiles)
 
 
-def _row_reduction_bwd(style, reduction, num_groups, residuals, cotangent):
+def _row_reduction_bwd(config, reduction, num_groups, residuals, cotangent):
     del num_groups
     zs, tiles = residuals
     poly = reduction_input_gradient(reduction)
-    grad_zs = polynomial(style, poly, 0.0, _dtypes(zs), tuple(zs), cotangent, tiles)
+    grad_zs = polynomial(config, poly, 0.0, _dtypes(zs), tuple(zs), cotangent, tiles)
     return grad_zs, _no_cotangent(tiles)
 
 

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import RowTiles, cdiv
+from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._term_unrolling import (
     coefficient_term,
     ordered_for_registers,
@@ -39,22 +40,13 @@ from e3kernels.kernels._term_unrolling import (
 )
 from e3kernels.symmetric_terms import SparsePolynomial
 
-ROW_BLOCK = 64  # rows per tile: the grouping granularity of RowTiles
+ROW_BLOCK = 64  # default rows per tile: the grouping granularity of RowTiles
 SUBLANES, LANES = 8, 128
 _MAX_LIVE_TILES = 48  # of the 64 vregs (see ordered_for_registers)
 
 
 def _padded_channels(num_channels: int) -> int:
     return cdiv(num_channels, LANES) * LANES
-
-
-def _source_rows(tiles: RowTiles, num_rows: int, row_block: int) -> jax.Array:
-    """``(T * row_block,)``: the row in each place of the tiled layout (``num_rows``: padding)."""
-    offset = jnp.arange(row_block, dtype=jnp.int32)
-    position = tiles.begin[:, None] + offset
-    if tiles.order is not None:
-        position = tiles.order[jnp.clip(position, 0, max(num_rows - 1, 0))]
-    return jnp.where(offset < tiles.count[:, None], position, num_rows).reshape(-1)
 
 
 def _to_tiled(z: jax.Array, source_rows: jax.Array) -> jax.Array:
@@ -85,12 +77,13 @@ def _for_each_slab(row_block: int, body) -> None:
 
 
 def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles: RowTiles, *,
-               row_block: int, interpret):
+               config: KernelConfig):
     """``poly`` evaluated per row with its tile's coefficient row set (see symmetric_terms)."""
+    row_block = config.tile_rows
     assert row_block % SUBLANES == 0, row_block
     num_rows, num_channels = zs[0].shape[:2]
     num_groups, num_coef = coefs.shape[:2]
-    tiled_zs = [_to_tiled(z, _source_rows(tiles, num_rows, row_block)) for z in zs]
+    tiled_zs = [_to_tiled(z, tiles.rows_of_slots(row_block)) for z in zs]
     rows_block = lambda size: pl.BlockSpec((size, row_block, LANES), lambda c, t, *_: (0, t, c))
     coef_block = pl.BlockSpec(
         (1, num_coef, LANES), lambda c, t, group, _: (jnp.minimum(group[t], num_groups - 1), 0, c)
@@ -112,9 +105,9 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
         out_shape=out_shape,
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret,
+        interpret=config.pallas_interpret,
         name="sparse_polynomial",
-    )(tiles.group, tiles.count, *tiled_zs, _pad_channels(coefs))
+    )(tiles.group, tiles.end - tiles.start, *tiled_zs, _pad_channels(coefs))
     return [_from_tiled(out, tiles.slot, num_channels, dtype) for out, dtype in zip(tiled_outs, out_dtypes)]
 
 
@@ -148,12 +141,13 @@ def _polynomial_kernel(group_ref, count_ref, *refs, poly, terms, fill, num_group
 
 
 def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTiles, *,
-                  row_block: int, interpret):
+                  config: KernelConfig):
     """``(S, Q, C)`` float32: per group, the sum over its rows of the reduction's terms."""
     assert all(t.vars for t in reduction.terms), "padding rows must contribute 0"
+    row_block = config.tile_rows
     assert row_block % SUBLANES == 0, row_block
     num_rows, num_channels = zs[0].shape[:2]
-    tiled_zs = [_to_tiled(z, _source_rows(tiles, num_rows, row_block)) for z in zs]
+    tiled_zs = [_to_tiled(z, tiles.rows_of_slots(row_block)) for z in zs]
     group = tiles.group
     first = jnp.concatenate([jnp.ones(1, bool), group[1:] != group[:-1]]).astype(jnp.int32)
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -174,9 +168,9 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
         out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=interpret,
+        interpret=config.pallas_interpret,
         name="sparse_row_reduction",
-    )(group, first, tiles.count, *tiled_zs)
+    )(group, first, tiles.end - tiles.start, *tiled_zs)
     visited = jnp.zeros(num_groups + 1, bool).at[group].set(True)[:num_groups]  # others: never written
     return jnp.where(visited[:, None, None], sums[:num_groups, :, :num_channels], 0.0)
 

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from e3kernels.grouping import RowTiles, cdiv, sum_by_group
+from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._term_unrolling import (
     coefficient_term,
     ordered_for_registers,
@@ -37,15 +38,9 @@ from e3kernels.kernels._term_unrolling import (
 )
 from e3kernels.symmetric_terms import SparsePolynomial
 
-ROW_BLOCK = 32  # rows per tile: the grouping granularity of RowTiles
-NUM_WARPS = 4
-NUM_STAGES = 1  # straight-line code: nothing to pipeline
+ROW_BLOCK = 32  # default rows per tile: the grouping granularity of RowTiles
 _REGISTER_BUDGET = 128  # float32 values per thread for live tiles
 _MAX_LIVE_TILES = 64  # beyond this, reductions give up prefix sharing (see ordered_for_registers)
-
-
-def _compiler_params():
-    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def _pow2_floor(n: int) -> int:
@@ -56,11 +51,11 @@ def _pow2_ceil(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
-def _channel_block(terms, num_channels: int, row_block: int) -> int:
+def _channel_block(terms, num_channels: int, config: KernelConfig) -> int:
     """Channels per program: a power of two keeping ``peak live tiles x elements per
     thread`` near the register budget."""
     per_thread = min(8, _pow2_floor(_REGISTER_BUDGET // max(peak_live_tiles(terms), 1)))
-    block = max(1, per_thread * 32 * NUM_WARPS // row_block)
+    block = max(1, per_thread * 32 * config.num_warps // config.tile_rows)
     return min(block, _pow2_ceil(num_channels))
 
 
@@ -100,18 +95,19 @@ def _as_float32(value):
     return value if value.dtype == jnp.float32 else lax.convert_element_type(value, jnp.float32)
 
 
-def _schedule_operands(tiles: RowTiles) -> tuple[jax.Array, ...]:
+def _schedule_operands(tiles: RowTiles, count: jax.Array) -> tuple[jax.Array, ...]:
+    """What ``_TileView`` reads: each tile's group, first position, row count, and the order."""
     order = () if tiles.order is None else (tiles.order,)
-    return (tiles.group, tiles.begin, tiles.count) + order
+    return (tiles.group, tiles.start, count) + order
 
 
 def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles: RowTiles, *,
-               row_block: int, interpret):
+               config: KernelConfig):
     """``poly`` evaluated per row with its tile's coefficient row set (see symmetric_terms)."""
     num_rows, num_channels = zs[0].shape[:2]
     terms = ordered_for_registers(poly.terms, _MAX_LIVE_TILES)
-    channel_block = _channel_block(terms, num_channels, row_block)
-    schedule = _schedule_operands(tiles)
+    row_block, channel_block = config.tile_rows, _channel_block(terms, num_channels, config)
+    schedule = _schedule_operands(tiles, tiles.end - tiles.start)
     kernel = functools.partial(
         _polynomial_kernel, poly=poly, terms=terms, fill=fill, num_schedule=len(schedule),
         num_groups=coefs.shape[0], num_rows=num_rows, num_channels=num_channels,
@@ -125,8 +121,8 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
         kernel,
         out_shape=out_shape,
         grid=(tiles.group.shape[0], cdiv(num_channels, channel_block)),
-        compiler_params=_compiler_params(),
-        interpret=interpret,
+        compiler_params=config.triton_params(),
+        interpret=config.pallas_interpret,
         name="sparse_polynomial",
     )(*schedule, *zs, coefs)
 
@@ -160,14 +156,14 @@ def _polynomial_kernel(*refs, poly, terms, fill, num_schedule, num_groups, num_r
 
 
 def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTiles, *,
-                  row_block: int, interpret):
+                  config: KernelConfig):
     """``(S, Q, C)`` float32: per group, the sum over its rows of the reduction's terms."""
     assert all(t.vars for t in reduction.terms), "masked rows must contribute 0"
     num_rows, num_channels = zs[0].shape[:2]
     terms = ordered_for_registers(reduction.terms, _MAX_LIVE_TILES)
-    channel_block = _channel_block(terms, num_channels, row_block)
-    active_rows = jnp.where(tiles.group < num_groups, tiles.count, 0)  # group S: all masked
-    schedule = _schedule_operands(tiles._replace(count=active_rows))
+    row_block, channel_block = config.tile_rows, _channel_block(terms, num_channels, config)
+    active_rows = jnp.where(tiles.group < num_groups, tiles.end - tiles.start, 0)  # group S: all masked
+    schedule = _schedule_operands(tiles, active_rows)
     num_tiles = tiles.group.shape[0]
     kernel = functools.partial(
         _reduction_kernel, reduction=reduction, terms=terms, num_schedule=len(schedule),
@@ -177,8 +173,8 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_tiles, reduction.num_out, num_channels), jnp.float32),
         grid=(num_tiles, cdiv(num_channels, channel_block)),
-        compiler_params=_compiler_params(),
-        interpret=interpret,
+        compiler_params=config.triton_params(),
+        interpret=config.pallas_interpret,
         name="sparse_row_reduction",
     )(*schedule, *zs)
     return sum_by_group(partials, tiles.group, num_groups)

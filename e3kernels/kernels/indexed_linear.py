@@ -76,8 +76,10 @@ from e3kernels import grouped_linear
 from e3kernels.grouping import Grouping, sum_by_group
 from e3kernels.irreps import LinearPlan
 from e3kernels.kernels import _linear_gpu, _linear_tpu
+from e3kernels.kernels._common import KernelConfig
 
-PLATFORMS = ("gpu", "tpu")
+#: the kernel family of each platform
+PLATFORMS = {"gpu": "triton", "tpu": "mosaic"}
 
 
 def implementations(plan: LinearPlan, precision: lax.Precision, dtype) -> dict[str, Callable] | str:
@@ -114,17 +116,18 @@ def indexed_linear(x, weights, biases, indices, *, plan: LinearPlan, platform: s
       interpret: run the kernels in Pallas interpret mode (on any backend, e.g. CPU).
     """
     if platform not in PLATFORMS:
-        raise ValueError(f"indexed_linear: platform must be one of {PLATFORMS}; got {platform!r}")
-    make_engine = lambda num_rows, num_sets: _Kernels(platform, interpret, precision, num_rows, num_sets)
+        raise ValueError(f"indexed_linear: platform must be one of {tuple(PLATFORMS)}; got {platform!r}")
+    config = KernelConfig(PLATFORMS[platform], interpret=interpret)
+    make_engine = lambda num_rows, num_sets: _Kernels(config, precision, num_rows, num_sets)
     return grouped_linear.indexed_linear(make_engine, plan, x, weights, biases, indices)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Kernels:
-    """Which kernels run, with their block sizes; static (hashable) for ``custom_vjp``."""
+    """The :class:`~e3kernels.grouped_linear.Engine` of the kernels, with their tile sizes;
+    static (hashable) for ``custom_vjp``."""
 
-    platform: str
-    interpret: bool
+    config: KernelConfig
     precision: lax.Precision
     num_rows: int
     num_groups: int
@@ -136,25 +139,23 @@ class _Kernels:
         return min(max(low, 1 << (mean - 1).bit_length()), high)
 
     def apply(self, plan, x, weights, biases, grouping: Grouping, fill: float):
-        options = dict(precision=self.precision, interpret=self.interpret)
-        if self.platform == "gpu":
-            config = _linear_gpu.GpuConfig(tile_rows=self._tile_rows(16, 32))
-            return _linear_gpu.apply(plan, x, weights, biases, grouping, self.num_groups, fill,
-                                     config=config, **options)
-        config = _linear_tpu.TpuConfig(tile_rows=self._tile_rows(16, 128))
-        return _linear_tpu.apply(plan, x, weights, biases, grouping, self.num_groups, fill,
-                                 config=config, **options)
+        if self.config.family == "triton":
+            config = dataclasses.replace(self.config, tile_rows=self._tile_rows(16, 32))
+            kernels = _linear_gpu
+        else:
+            config = dataclasses.replace(self.config, tile_rows=self._tile_rows(16, 128))
+            kernels = _linear_tpu
+        return kernels.apply(plan, x, weights, biases, grouping, self.num_groups, fill,
+                             precision=self.precision, config=config)
 
     def weight_grad(self, plan, x, g, grouping: Grouping):
         """``(S, mul_in, mul_out)`` float32 per block: ``pw * sum_{n in s, m} x^T g``."""
-        options = dict(precision=self.precision, interpret=self.interpret)
-        if self.platform == "gpu":
-            config = _linear_gpu.GpuConfig(tile_rows=32, wgrad_tile_rows=128)
-            partials, tile_group = _linear_gpu.weight_partials(plan, x, g, grouping, self.num_groups,
-                                                               config=config, **options)
+        if self.config.family == "triton":
+            config, kernels = dataclasses.replace(self.config, tile_rows=32), _linear_gpu
         else:
-            partials, tile_group = _linear_tpu.weight_partials(plan, x, g, grouping, self.num_groups,
-                                                               **options)
+            config, kernels = self.config, _linear_tpu
+        partials, tile_group = kernels.weight_partials(plan, x, g, grouping, self.num_groups,
+                                                       precision=self.precision, config=config)
         return tuple(
             jnp.zeros((self.num_groups, b.mul_in, b.mul_out), jnp.float32) if p is None
             else sum_by_group(p, tile_group, self.num_groups)

@@ -41,20 +41,20 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import grouped_row_tiles, shared_row_tiles
 from e3kernels.irreps import SymmetricPlan
-from e3kernels.kernels._sparse_polynomial import KernelStyle, polynomial
+from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels._sparse_polynomial import polynomial, with_tile_rows
 from e3kernels.symmetric_terms import symmetric_terms
 
 MAX_ORDER = 4
 MAX_TERMS = 4096  # beyond this the unrolled kernels (and their derivatives) compile too slowly
 
-TRITON = KernelStyle("triton")
-TRITON_INTERPRET = KernelStyle("triton", interpret=True)
-MOSAIC = KernelStyle("mosaic")
-MOSAIC_INTERPRET = KernelStyle("mosaic", interpret=pltpu.InterpretParams())
+TRITON = KernelConfig("triton")
+TRITON_INTERPRET = KernelConfig("triton", interpret=True)
+MOSAIC = KernelConfig("mosaic")
+MOSAIC_INTERPRET = KernelConfig("mosaic", interpret=True)
 
 
 def why_unsupported(plan: SymmetricPlan) -> str | None:
@@ -71,7 +71,7 @@ def implementations(plan: SymmetricPlan, dtype) -> dict[str, Callable] | str:
     """``{"gpu", "tpu", "interpret"}`` implementations ``f(x, weights, indices)`` of the
     reference's signature, or the reason (:func:`why_unsupported`) there are none.
 
-    Tests reach the TPU kernels on CPU with ``symmetric_contraction(..., style=MOSAIC_INTERPRET)``.
+    Tests reach the TPU kernels on CPU with ``symmetric_contraction(..., config=MOSAIC_INTERPRET)``.
     """
     if jnp.dtype(dtype) == jnp.float64:
         return "float64 inputs run on the reference (the kernels accumulate in float32)"
@@ -79,24 +79,25 @@ def implementations(plan: SymmetricPlan, dtype) -> dict[str, Callable] | str:
     if reason is not None:
         return reason
     return {
-        name: functools.partial(symmetric_contraction, plan=plan, style=style)
-        for name, style in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))
+        name: functools.partial(symmetric_contraction, plan=plan, config=config)
+        for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))
     }
 
 
-def symmetric_contraction(x, weights, indices, *, plan: SymmetricPlan, style: KernelStyle):
-    """The reference's ``symmetric_contraction`` on ``style``'s kernels (e.g.
+def symmetric_contraction(x, weights, indices, *, plan: SymmetricPlan, config: KernelConfig):
+    """The reference's ``symmetric_contraction`` on ``config``'s kernels (e.g.
     ``MOSAIC_INTERPRET`` runs the TPU kernels on CPU)."""
+    config = with_tile_rows(config)
     num_rows, num_channels, _ = x.shape
     terms = symmetric_terms(plan)
     if num_rows == 0 or num_channels == 0 or not terms.polynomial.terms:  # nothing to launch
         return jnp.zeros((num_rows, num_channels, plan.dim_out), x.dtype)
     coefs = _coefficient_table(terms.coefficients, weights, indexed=indices is not None)
     if indices is None:
-        tiles = shared_row_tiles(num_rows, style.row_block)
+        tiles = shared_row_tiles(num_rows, config.tile_rows)
     else:
-        tiles = grouped_row_tiles(indices, coefs.shape[0], style.row_block)
-    (out,) = polynomial(style, terms.polynomial, float("nan"), (x.dtype,), (x,), coefs, tiles)
+        tiles = grouped_row_tiles(indices, coefs.shape[0], config.tile_rows)
+    (out,) = polynomial(config, terms.polynomial, float("nan"), (x.dtype,), (x,), coefs, tiles)
     return out
 
 

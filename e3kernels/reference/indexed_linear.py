@@ -15,7 +15,7 @@ block (1 GB at the MACE size, ``N = 4000``); a grouped matmul needs only the ``S
 
 1. Sort the rows by index once (``e3kernels.grouping.group_rows``, the sort the Pallas
    kernels use too) and cut every group into tiles of ``tile_rows`` rows that never
-   straddle two groups (``tile_schedule``, ``padded_slots``): tile ``t`` holds the rows
+   straddle two groups (``tile_schedule``, ``RowTiles.rows_of_slots``): tile ``t`` holds the rows
    ``row_of_slot[t * tile_rows : (t + 1) * tile_rows]`` (``N`` marks padding), all of one
    group. The tile count is static (``cdiv(N, tile_rows) + S``), so everything jits.
 2. A ``lax.scan`` over the tiles: gather the tile's rows of ``x``, multiply each block by
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from e3kernels import grouped_linear
-from e3kernels.grouping import Grouping, padded_slots, tile_schedule
+from e3kernels.grouping import Grouping, tile_schedule
 from e3kernels.irreps import LinearBlock, LinearPlan, output_segments
 from e3kernels.spec import accumulation_dtype
 
@@ -102,8 +102,7 @@ class TileScan:
     def _tiles(self, grouping: Grouping) -> tuple[jax.Array, jax.Array]:
         """``(T, tile_rows)`` row ids per tile (``N`` for padding) and ``(T,)`` groups."""
         tiles = tile_schedule(grouping, self.tile_rows)
-        _, row_of_slot = padded_slots(grouping, tiles, self.tile_rows)
-        return row_of_slot.reshape(-1, self.tile_rows), tiles.group
+        return tiles.rows_of_slots(self.tile_rows).reshape(-1, self.tile_rows), tiles.group
 
     def _used(self, group: jax.Array, work, skipped):
         """``work()`` for a tile of a valid group, ``skipped`` for the others."""

@@ -1,0 +1,63 @@
+"""The vocabulary every kernel module shares: how a kernel is launched, and its dot.
+
+The tile schedule all kernels run over is :class:`e3kernels.grouping.RowTiles`, shared
+with the CPU reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+FAMILIES = ("triton", "mosaic")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Which kernel family runs and how it is launched; static (hashable) for ``custom_vjp``.
+
+    Attributes:
+      family: ``"triton"`` (GPU) or ``"mosaic"`` (TPU).
+      interpret: run the kernels in Pallas interpret mode (on any backend, e.g. CPU).
+      tile_rows: rows per tile; ``None`` lets each kernel choose. Small tiles keep
+        interpret-mode tests fast while still spanning several tiles.
+      num_warps, num_stages: Triton's launch parameters (Mosaic has none).
+    """
+
+    family: str
+    interpret: bool = False
+    tile_rows: int | None = None
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"KernelConfig: family must be one of {FAMILIES}; got {self.family!r}")
+
+    @property
+    def pallas_interpret(self) -> Any:
+        """``pallas_call``'s ``interpret`` argument: Mosaic kernels interpret with TPU semantics."""
+        if not self.interpret:
+            return False
+        return pltpu.InterpretParams() if self.family == "mosaic" else True
+
+    def triton_params(self) -> plgpu.CompilerParams:
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def dot(a, b, precision: lax.Precision, contract_rows: bool = False):
+    """``a @ b`` (``a.T @ b`` with ``contract_rows``) accumulated in float32.
+
+    Float32 operands multiply at ``precision`` (JAX's contract); 16-bit operands multiply
+    in their own dtype, where precision has no meaning.
+    """
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    dims = (((0,), (0,)) if contract_rows else ((1,), (0,)), ((), ()))
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
+                           precision=precision if dtype == jnp.float32 else None,
+                           preferred_element_type=jnp.float32)
