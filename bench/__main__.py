@@ -8,12 +8,15 @@ Results go to ``bench/results/`` as JSON and a PNG chart.
     python -m bench                 # default sizes (a few minutes on a 2-core CPU)
     python -m bench --quick         # small sizes, fewer rounds
     python -m bench --workloads indexed_linear --rows 2000
+    python -m bench --devices 4     # adds the data-parallel block on 4 devices against 1
+                                    # (on CPU: 4 virtual devices sharing its cores)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform as platform_module
@@ -23,7 +26,7 @@ import jax
 
 from bench import report
 from bench.timing import Measured, compile_one, printer, run_interleaved
-from bench.workloads import ROWS, WORKLOADS
+from bench.workloads import DATA_PARALLEL, ROWS, WORKLOADS
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,12 +44,22 @@ def main(argv=None) -> int:
     parser.add_argument("--min-seconds", type=float, default=0.05, help="min duration of one timing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="N > 1 adds the data-parallel training step on N devices against 1")
     args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error(f"--devices: expected a positive int; got {args.devices}")
+    if args.devices > 1:
+        # before JAX starts its backends; on CPU, N virtual devices (GPUs are not affected)
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
 
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = [w for w in names if w not in WORKLOADS]
+    known = list(WORKLOADS) + (["data_parallel"] if args.devices > 1 else [])
+    unknown = [w for w in names if w not in known]
     if unknown:
-        parser.error(f"--workloads: unknown {unknown}; expected names from {list(WORKLOADS)}")
+        parser.error(f"--workloads: unknown {unknown}; expected names from {known} "
+                     "(data_parallel needs --devices N > 1)")
     if args.rows is not None and args.rows < 1:
         parser.error(f"--rows: expected a positive int; got {args.rows}")
     repeats = args.repeats or (3 if args.quick else 7)
@@ -54,6 +67,14 @@ def main(argv=None) -> int:
         parser.error(f"--repeats: expected a positive int; got {repeats}")
 
     platform = jax.default_backend()
+    workloads = dict(WORKLOADS)
+    if args.devices > 1:
+        if len(jax.devices()) < args.devices:
+            parser.error(f"--devices: {args.devices} asked for; this machine has {len(jax.devices())}")
+        title, build = DATA_PARALLEL
+        workloads["data_parallel"] = (title, functools.partial(build, devices=args.devices))
+        if "data_parallel" not in names and args.workloads == parser.get_default("workloads"):
+            names.append("data_parallel")
     sizes = ROWS[("cpu" if platform == "cpu" else "gpu", args.quick)]
     progress = printer(args.quiet)
     machine = describe_machine()
@@ -61,7 +82,7 @@ def main(argv=None) -> int:
 
     results = []
     for index, name in enumerate(names, 1):
-        title, build = WORKLOADS[name]
+        title, build = workloads[name]
         rows = args.rows or sizes[name]
         progress(f"[{index}/{len(names)}] {title}, N={rows}: building candidates")
         jobs, measured = [], []
@@ -77,7 +98,8 @@ def main(argv=None) -> int:
                 measured.append(m)
         progress(f"  timing {len(jobs)} functions, {repeats} interleaved rounds")
         run_interleaved(jobs, repeats, args.min_seconds, progress)
-        result = {"workload": name, "title": title, "rows": rows, "measured": measured}
+        result = {"workload": name, "title": title, "rows": rows, "measured": measured,
+                  "baseline": "1 device" if name == "data_parallel" else report.BASELINE}
         print(report.table(result), flush=True)
         results.append(result)
 

@@ -18,7 +18,7 @@ def _by_candidate(measured) -> dict[str, dict]:
 def speedups(result) -> dict[str, dict[str, float | None]]:
     """Per candidate and mode: baseline median / candidate median (higher is faster)."""
     rows = _by_candidate(result["measured"])
-    base = rows.get(BASELINE, {})
+    base = rows.get(result.get("baseline", BASELINE), {})
     out = {}
     for name, modes in rows.items():
         out[name] = {}

@@ -209,33 +209,61 @@ def interaction_block(ns, species, positions, **kw):
     return jnp.sum(energy.array)
 
 
-def training_step(rows: int, platform: str) -> list[Candidate]:
+def _block_training(name: str, ns, rows: int, params=None, **kw) -> Candidate:
+    """The MACE-style block on ``rows`` atoms: energy and forces (fwd), and the gradient of
+    a loss on both (fwd+bwd), which differentiates twice."""
     key_p, key_s = jax.random.split(jax.random.PRNGKey(9))
     positions = jax.random.normal(key_p, (rows, 3))
     species = jax.random.randint(key_s, (rows,), 0, SPECIES)
     force_projection = jax.random.normal(jax.random.PRNGKey(12), (rows, 3))
+    energy = hk.without_apply_rng(hk.transform(lambda s, p: interaction_block(ns, s, p, **kw)))
+    if params is None:
+        params = energy.init(jax.random.PRNGKey(0), species, positions)
 
-    def candidate(name, ns, params=None, **kw):
-        energy = hk.without_apply_rng(hk.transform(lambda s, p: interaction_block(ns, s, p, **kw)))
-        if params is None:
-            params = energy.init(jax.random.PRNGKey(0), species, positions)
+    def energy_forces(params, s, p, projection):
+        e, grad = jax.value_and_grad(energy.apply, argnums=2)(params, s, p)
+        return e, -grad
 
-        def energy_forces(params, s, p):
-            e, grad = jax.value_and_grad(energy.apply, argnums=2)(params, s, p)
-            return e, -grad
+    def loss(params, s, p, projection):  # fixed random weights on energy and forces (see _loss_grads)
+        e, forces = energy_forces(params, s, p, projection)
+        return 0.3 * e / rows + jnp.sum(projection * forces) / rows
 
-        def loss(params, s, p):  # fixed random weights on energy and forces (see _loss_grads)
-            e, forces = energy_forces(params, s, p)
-            return 0.3 * e / rows + jnp.sum(force_projection * forces) / rows
+    return Candidate(name, energy_forces, jax.grad(loss), (params, species, positions, force_projection))
 
-        return Candidate(name, energy_forces, jax.grad(loss), (params, species, positions))
 
-    theirs = candidate("e3nn-jax", e3nn.haiku)
+def training_step(rows: int, platform: str) -> list[Candidate]:
+    theirs = _block_training("e3nn-jax", e3nn.haiku, rows)
     ours = [
-        candidate(f"e3kernels {b}", e3kernels.haiku, theirs.args[0], backend=b)
+        _block_training(f"e3kernels {b}", e3kernels.haiku, rows, theirs.args[0], backend=b)
         for b in e3kernels_backends(platform)
     ]
     return [theirs] + ours
+
+
+def data_parallel(rows: int, platform: str, devices: int) -> list[Candidate]:
+    """The block's training step with e3kernels ("auto"): on one device, then with the
+    atoms sharded over ``devices`` devices, the same atoms (strong scaling) and
+    ``devices`` times as many (weak scaling). Parameters are replicated."""
+    available = jax.devices()
+    if len(available) < devices:
+        raise ValueError(f"data_parallel: {devices} devices asked for, {len(available)} available")
+    # Auto axes: the model's own gathers (embed[species]) need no sharding annotations
+    mesh = jax.make_mesh((devices,), ("atoms",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=available[:devices])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    atoms = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("atoms"))
+
+    def sharded(candidate: Candidate) -> Candidate:
+        params, *per_atom = candidate.args
+        args = (jax.device_put(params, replicated), *(jax.device_put(a, atoms) for a in per_atom))
+        return dataclasses.replace(candidate, args=args)
+
+    one = _block_training("1 device", e3kernels.haiku, rows)
+    params = one.args[0]
+    strong = sharded(_block_training(f"{devices} devices", e3kernels.haiku, rows, params))
+    weak = sharded(_block_training(f"{devices} devices, {devices}x atoms", e3kernels.haiku,
+                                   devices * rows, params))
+    return [one, strong, weak]
 
 
 WORKLOADS = {
@@ -250,10 +278,21 @@ WORKLOADS = {
     ),
 }
 
+#: ``python -m bench --devices N``: the block's training step on N devices against one
+DATA_PARALLEL = (
+    "MACE-style block, data-parallel over devices (speed-up: against 1 device; "
+    "ideal N with the same atoms, 1 with N times as many)",
+    data_parallel,
+)
+
 # rows per workload: default CPU sizes finish in minutes on 2 cores; GPU sizes are MACE-typical
 ROWS = {
-    ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "training_step": 200},
-    ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "training_step": 50},
-    ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "training_step": 4000},
-    ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "training_step": 500},
+    ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "training_step": 200,
+                     "data_parallel": 200},
+    ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "training_step": 50,
+                    "data_parallel": 48},
+    ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "training_step": 4000,
+                     "data_parallel": 4000},
+    ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "training_step": 500,
+                    "data_parallel": 496},
 }

@@ -111,6 +111,7 @@ def select(
     kernels: Callable[[], Mapping[str, Callable[..., Any] | str] | str],
     out: jax.ShapeDtypeStruct,
     key: Hashable | None = None,
+    row_axes: tuple[int | None, ...] | None = None,
 ) -> Callable[..., Any]:
     """Choose the implementation of ``op`` for ``backend``; the single dispatch point.
 
@@ -126,6 +127,8 @@ def select(
       key: everything static ``reference`` and ``kernels`` depend on (a plan, a precision):
         equal keys mean equal computations, so that JAX's caches are shared (``None``: no
         sharing).
+      row_axes: for a row-wise op, per argument, the axis of its rows or ``None`` (see
+        :func:`e3kernels.dispatch.call`): a sharded ``jax.jit`` keeps rows on their devices.
 
     Returns:
       A function with the signature of ``reference`` that binds the op through
@@ -153,7 +156,8 @@ def select(
         if isinstance(chosen, str):
             chosen = reference if name == "auto" else _refusal(op, platform, chosen)
         implementations[platform] = chosen
-    return lambda *args: dispatch.call(op, None if key is None else (name, key), implementations, out, args)
+    key = None if key is None else (name, key)
+    return lambda *args: dispatch.call(op, key, implementations, out, args, row_axes)
 
 
 def _refusal(op: str, platform: str, reason: str) -> Callable[..., Any]:

@@ -28,10 +28,17 @@ one implementation per platform, derived from the platform's own:
   transpose, so kernels without forward mode still train;
 * batching (``jax.vmap``): a :class:`Batched` call, ``jax.vmap`` of each implementation.
 
-Under ``shard_map`` (``check_vma=True``) the outputs vary over the mesh axes the inputs
-vary over, replicated inputs being cast first, as for JAX's own primitives; the
-implementations are per-device code and are traced on plain types. Everything else
-(``jit``, ``lax.scan``, ``jax.checkpoint``, ``jax.export``) needs no rule.
+Several devices:
+
+* under a sharded ``jax.jit``, an op that says where its rows are (``row_axes``) lowers to
+  a ``custom_partitioning`` call: each device runs the implementation on its own rows,
+  and outputs without rows (weight gradients, sums over rows) are all-reduced once;
+* with ``Explicit`` mesh axes, output types are sharded like the rows;
+* under ``shard_map`` (``check_vma=True``) the outputs vary over the mesh axes the inputs
+  vary over, replicated inputs being cast first, as for JAX's own primitives; the
+  implementations are per-device code and are traced on plain types.
+
+Everything else (``lax.scan``, ``jax.checkpoint``, ``jax.export``) needs no rule.
 
 The cost of this design is that a derivative recomputes what it needs of its platform's
 forward pass from the op's inputs (JAX's residuals do not cross a primitive). XLA merges
@@ -51,8 +58,10 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import config, core
+from jax._src import config, core, sharding_impls
+from jax._src import dispatch as jax_dispatch
 from jax._src.interpreters import ad, batching, mlir
+from jax.experimental.custom_partitioning import custom_partitioning
 
 #: The platform names JAX lowers for that this module registers implementations for.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -69,6 +78,12 @@ class Target:
     name: str
     in_avals: tuple[core.ShapedArray, ...]
     out_avals: tuple[core.ShapedArray, ...]
+    #: per input, the axis of its rows, or ``None`` for an input shared by every row
+    #: (weights); ``None`` instead of a tuple: the op is not row-wise
+    in_row_axes: tuple[int | None, ...] | None
+    #: per output, the axis of its rows, or ``None`` for a sum over the rows (a weight
+    #: gradient)
+    out_row_axes: tuple[int | None, ...] | None
 
     def implementation(self, platform: str) -> Callable[..., tuple[jax.Array, ...]]:
         raise NotImplementedError
@@ -82,6 +97,8 @@ class Op(Target):
     key: Hashable
     in_avals: tuple[core.ShapedArray, ...]
     out_avals: tuple[core.ShapedArray, ...]
+    in_row_axes: tuple[int | None, ...] | None
+    out_row_axes: tuple[int | None, ...] | None
     implementations: Mapping[str, Callable[..., tuple[jax.Array, ...]]] = dataclasses.field(
         compare=False, hash=False
     )
@@ -109,6 +126,15 @@ class Linearized(Target):
     @property
     def out_avals(self):
         return tuple(_tangent_aval(a) for a in self.inner.out_avals)
+
+    @property
+    def in_row_axes(self):
+        rows = self.inner.in_row_axes
+        return None if rows is None else rows + tuple(rows[i] for i in self.wrt)
+
+    @property
+    def out_row_axes(self):
+        return self.inner.out_row_axes
 
     def implementation(self, platform):
         f = self.inner.implementation(platform)
@@ -140,6 +166,16 @@ class Vjp(Target):
     def out_avals(self):
         return tuple(_tangent_aval(self.inner.in_avals[i]) for i in self.wrt)
 
+    @property
+    def in_row_axes(self):
+        rows, out_rows = self.inner.in_row_axes, self.inner.out_row_axes
+        return None if rows is None else rows + out_rows
+
+    @property
+    def out_row_axes(self):
+        rows = self.inner.in_row_axes
+        return None if rows is None else tuple(rows[i] for i in self.wrt)
+
     def implementation(self, platform):
         f = self.inner.implementation(platform)
 
@@ -169,6 +205,18 @@ class Batched(Target):
     @property
     def out_avals(self):
         return tuple(_batched(a, self.size) for a in self.inner.out_avals)
+
+    @property
+    def in_row_axes(self):
+        rows = self.inner.in_row_axes
+        return None if rows is None else tuple(
+            r + 1 if m and r is not None else r for r, m in zip(rows, self.mapped)
+        )
+
+    @property
+    def out_row_axes(self):
+        rows = self.inner.out_row_axes
+        return None if rows is None else tuple(None if r is None else r + 1 for r in rows)
 
     def implementation(self, platform):
         in_axes = tuple(0 if m else None for m in self.mapped)
@@ -257,7 +305,26 @@ def _abstract_eval(*avals, target: Target):
         got = ", ".join(a.str_short() for a in avals)
         want = ", ".join(e.str_short() for e in expected)
         raise TypeError(f"{target.name}: expected inputs ({want}); got ({got})")
-    return [_varying_like(core.ShapedArray(a.shape, a.dtype), avals) for a in target.out_avals]
+    outs = [core.ShapedArray(a.shape, a.dtype) for a in target.out_avals]
+    if target.in_row_axes is not None:
+        outs = [_rows_typed_like(out, axis, avals, target.in_row_axes)
+                for out, axis in zip(outs, target.out_row_axes)]
+    return [_varying_like(out, avals) for out in outs]
+
+
+def _rows_typed_like(aval: core.ShapedArray, row_axis, avals, in_row_axes) -> core.ShapedArray:
+    """With ``Explicit`` mesh axes, types carry shardings: an output's rows are sharded as
+    the first row input's, and an output without rows (a sum over them) is replicated."""
+    for a, axis in zip(avals, in_row_axes):
+        if axis is None:
+            continue
+        spec = tuple(a.sharding.spec)
+        mesh_axes = spec[axis] if axis < len(spec) else None
+        if mesh_axes is None:
+            return aval
+        out_spec = [mesh_axes if d == row_axis else None for d in range(len(aval.shape))]
+        return aval.update(sharding=a.sharding.update(spec=jax.sharding.PartitionSpec(*out_spec)))
+    return aval
 
 
 @call_p.def_impl
@@ -306,6 +373,8 @@ def _batch(args, dims, *, target: Target):
 def _lowering(platform: str):
     def lower(ctx, *args, target: Target):
         implementation = target.implementation(platform)
+        if target.in_row_axes is not None and _partitioned_over_devices(ctx):
+            implementation = _row_partitioned(target, implementation)
         # The implementations are per-device code without collectives: traced on plain
         # types, they need no shard_map varying-axes annotations of their own.
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in])
@@ -315,11 +384,116 @@ def _lowering(platform: str):
     return lower
 
 
+# ---- sharded jit: every device computes its own rows --------------------------------------
+#
+# Under a sharded ``jax.jit`` XLA's SPMD partitioner sees the op as opaque code: it would
+# gather every row onto every device (the sort that groups rows by weight set cannot be
+# partitioned along the sorted axis). The op is row-wise, so its lowering, when
+# partitioned over several devices, is a ``custom_partitioning`` call whose rule keeps the
+# rows where they are: each device runs the platform's implementation on its own rows, and
+# an output without rows (a weight gradient: a sum over rows) is summed over the devices,
+# once. Inputs without rows (weights) are replicated.
+
+
+def _partitioned_over_devices(ctx) -> bool:
+    """Lowered by jit for several real devices (not by ``jax.export``, which has none)."""
+    axis_context = ctx.module_context.axis_context
+    return (
+        isinstance(axis_context, sharding_impls.ShardingContext)
+        and axis_context.device_assignment is not None
+        and axis_context.num_devices > 1
+    )
+
+
+def _row_mesh_axes(arg_shapes, row_axes) -> tuple[str, ...] | None:
+    """The mesh axes the first row input's rows are split over, or ``None`` (replicate the
+    rows) when they are not split, not split evenly, or not by named mesh axes."""
+    for shape, axis in zip(arg_shapes, row_axes):
+        if axis is None:
+            continue
+        sharding = shape.sharding
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return None
+        spec = tuple(sharding.spec)
+        axes = spec[axis] if axis < len(spec) else None
+        if axes is None:
+            return None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        if shape.shape[axis] % int(np.prod([sharding.mesh.shape[a] for a in axes])):
+            return None
+        return axes
+    return None
+
+
+def _rows_sharding(mesh, mesh_axes, shape, row_axis):
+    spec = [mesh_axes if d == row_axis and mesh_axes else None for d in range(len(shape.shape))]
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _sharding_rule(target: Target):
+    """Shardy's rule: one factor ``n`` for the rows, and every other dimension replicated."""
+    factors, replicated = [], []
+
+    def mapping(aval, row_axis, prefix):
+        names = []
+        for d in range(len(aval.shape)):
+            if d == row_axis:
+                names.append("n")
+            else:
+                names.append(f"{prefix}{len(factors)}")
+                replicated.append(names[-1])
+                factors.append(names[-1])
+        return " ".join(names)
+
+    operands = [mapping(a, r, "i") for a, r in zip(target.in_avals, target.in_row_axes)]
+    results = [mapping(a, r, "o") for a, r in zip(target.out_avals, target.out_row_axes)]
+    reduction = () if any(r is not None for r in target.out_row_axes) else ("n",)
+    rule = ", ".join(operands) + " -> " + ", ".join(results)
+    return rule, dict(need_replication_factors=tuple(replicated), reduction_factors=reduction)
+
+
+def _row_partitioned(target: Target, implementation):
+    in_rows, out_rows = target.in_row_axes, target.out_row_axes
+
+    def shardings(mesh, arg_shapes, result_shapes):
+        mesh_axes = _row_mesh_axes(arg_shapes, in_rows)
+        args = tuple(_rows_sharding(mesh, mesh_axes, s, r) for s, r in zip(arg_shapes, in_rows))
+        results = tuple(_rows_sharding(mesh, mesh_axes, s, r) for s, r in zip(result_shapes, out_rows))
+        return mesh_axes, args, results
+
+    def partition(mesh, arg_shapes, result_shapes):
+        mesh_axes, args, results = shardings(mesh, arg_shapes, result_shapes)
+
+        def per_device(*local):
+            outs = tuple(implementation(*local))
+            if not mesh_axes:
+                return outs
+            return tuple(o if r is not None else jax.lax.psum(o, mesh_axes) for o, r in zip(outs, out_rows))
+
+        return mesh, per_device, results, args
+
+    def infer_sharding_from_operands(mesh, arg_shapes, result_shapes):
+        return shardings(mesh, arg_shapes, result_shapes)[2]
+
+    # jit closes the implementation's constants (custom_partitioning accepts none of its own)
+    partitioned = custom_partitioning(jax.jit(lambda *args: tuple(implementation(*args))))
+    rule, factors = _sharding_rule(target)
+    partitioned.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer_sharding_from_operands,
+        sharding_rule=rule,
+        **factors,
+    )
+    return partitioned
+
+
 ad.primitive_jvps[call_p] = _jvp
 ad.primitive_transposes[call_p] = _transpose
 batching.primitive_batchers[call_p] = _batch
 for _platform in PLATFORMS:
     mlir.register_lowering(call_p, _lowering(_platform), platform=_platform)
+# jit then lowers with its devices known, which the partitioning rule needs
+jax_dispatch.prim_requires_devices_during_lowering.add(call_p)
 
 
 # ---- the entry point of the ops ------------------------------------------------------------
@@ -331,6 +505,7 @@ def call(
     implementations: Mapping[str, Callable[..., jax.Array]],
     out: jax.ShapeDtypeStruct,
     args: Sequence,
+    row_axes: Sequence[int | None] | None = None,
 ) -> jax.Array:
     """``implementations[platform](*args)`` for the platform the program is lowered for.
 
@@ -343,9 +518,17 @@ def call(
         and returning one array of type ``out``.
       out: the output's shape and dtype, the same on every platform.
       args: the op's arguments, a pytree (``None`` leaves allowed).
+      row_axes: for a row-wise op, per argument of ``args``, the axis of its rows (the
+        output's rows are its axis 0), or ``None`` for an argument shared by all rows.
+        Under a sharded ``jax.jit`` each device then computes its own rows.
     """
     leaves, tree = jax.tree_util.tree_flatten(args)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
+    in_row_axes = None
+    if row_axes is not None:
+        in_row_axes = tuple(
+            axis for arg, axis in zip(args, row_axes, strict=True) for _ in jax.tree_util.tree_leaves(arg)
+        )
 
     def flat(implementation):
         return lambda *flat_args: (implementation(*jax.tree_util.tree_unflatten(tree, flat_args)),)
@@ -355,6 +538,8 @@ def call(
         key=object() if key is None else (key, tree),
         in_avals=tuple(core.ShapedArray(np.shape(v), v.dtype) for v in leaves),
         out_avals=(core.ShapedArray(out.shape, out.dtype),),
+        in_row_axes=in_row_axes,
+        out_row_axes=None if row_axes is None else (0,),
         implementations={p: flat(implementations[p]) for p in PLATFORMS},
     )
     return bind(target, *leaves)[0]

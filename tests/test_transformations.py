@@ -317,35 +317,6 @@ def test_indexed_linear_module_in_layer_stack_second_order(backend):
     assert_trees_close(grads(ours), grads(theirs), rtol=2e-4, atol=2e-4)
 
 
-def _row_mesh():
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 virtual CPU devices)")
-    return jax.make_mesh((4,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-@pytest.mark.parametrize("backend", CPU_PROGRAMS)
-@pytest.mark.parametrize("case_type", OPS, ids=ids)
-def test_shard_map_checks_varying_axes_to_second_order(case_type, backend):
-    """Rows split over 4 devices in ``jax.shard_map`` with ``check_vma=True`` (the default):
-    output, and gradients of the force-training loss (parameters replicated, so their
-    gradient is summed over devices), as on one device."""
-    from jax.sharding import PartitionSpec as P
-
-    case = case_type(rows=8)
-    mesh = _row_mesh()
-    sharded = jax.shard_map(case.op(backend), mesh=mesh, in_specs=(P("rows"), P(), P("rows")),
-                            out_specs=P("rows"))
-    assert_trees_close(jax.jit(sharded)(case.x, case.params, case.indices),
-                       case.spec(case.x, case.params, case.indices))
-    projection = _projection(case)
-
-    def grads(f):
-        return jax.jit(jax.grad(force_training_loss(f, case.indices, projection), argnums=(0, 1)))(
-            case.params, case.x)
-
-    assert_trees_close(grads(sharded), grads(case.spec), rtol=2e-4, atol=2e-4)
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64],
                          ids=lambda d: d.__name__)
 def test_modules_take_every_float_dtype(dtype):
@@ -376,31 +347,6 @@ def test_modules_take_every_float_dtype(dtype):
             (1, 2), num_indexed_weights=NUM_SETS)(i, x)))
         params = product.init(jax.random.PRNGKey(1), species, xs)
         assert product.apply(params, species, xs).dtype == dtype
-
-
-@pytest.mark.parametrize("case_type", OPS, ids=ids)
-def test_sharded_jit_gives_the_one_device_numbers(case_type, backend="auto"):
-    """Rows sharded over 4 devices in a plain ``jax.jit``: output and second-order
-    gradients as on one device (one backend: the per-device code is the same as in the
-    shard_map test, which runs all three). (Whether the rows stay sharded in the compiled program is
-    not asserted here: the op sorts all rows, so XLA gathers them; see the README.)"""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    case = case_type(rows=8)
-    mesh = _row_mesh()
-    rows, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
-    x, indices = jax.device_put(case.x, rows), jax.device_put(case.indices, rows)
-    params = jax.device_put(case.params, replicated)
-    expected = case.spec(case.x, case.params, case.indices)
-    assert_trees_close(jax.jit(case.op(backend))(x, params, indices), expected)
-    projection = _projection(case)
-
-    def grads(f, params, x, indices):
-        return jax.jit(jax.grad(force_training_loss(f, indices, projection), argnums=(0, 1)))(params, x)
-
-    assert_trees_close(grads(case.op(backend), params, x, indices),
-                       grads(case.spec, case.params, case.x, case.indices), rtol=2e-4, atol=2e-4)
 
 
 def test_forward_mode_where_the_implementation_has_it():

@@ -83,6 +83,7 @@ def indexed_linear(
         lambda: _kernels().implementations(plan, precision, dtype),
         jax.ShapeDtypeStruct((x.shape[0], plan.dim_out), x.dtype),
         key=(plan, precision),
+        row_axes=(0, None, None, 0),
     )
     return impl(x, weights, biases, indices)
 

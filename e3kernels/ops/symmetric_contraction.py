@@ -73,6 +73,7 @@ def symmetric_contraction(
         lambda: _kernels().implementations(plan, jnp.result_type(x, *weights)),
         jax.ShapeDtypeStruct(x.shape[:2] + (plan.dim_out,), x.dtype),
         key=plan,
+        row_axes=(0, None, 0),
     )
     return impl(x, weights, indices)
 
