@@ -396,10 +396,13 @@ def _lowering(platform: str):
 
 
 def _partitioned_over_devices(ctx) -> bool:
-    """Lowered by jit for several real devices (not by ``jax.export``, which has none)."""
+    """Lowered by jit for several real devices. Not for ``jax.export``: a serialized
+    program cannot carry the partitioning rule (a Python callback), so an exported
+    multi-device program runs the op on all rows."""
     axis_context = ctx.module_context.axis_context
     return (
-        isinstance(axis_context, sharding_impls.ShardingContext)
+        not ctx.module_context.lowering_parameters.for_export
+        and isinstance(axis_context, sharding_impls.ShardingContext)
         and axis_context.device_assignment is not None
         and axis_context.num_devices > 1
     )

@@ -165,3 +165,20 @@ def test_batch_norm_and_dropout_with_rows_sharded():
     out, new_state = step(params, state, jax.random.PRNGKey(2), xs, True)
     assert_trees_close((out, new_state), expected)
     assert out.sharding.spec[0] == "rows"
+
+
+def test_export_of_a_sharded_program():
+    """``jax.export`` of a jit with rows sharded over 4 devices serializes (no
+    partitioning callback in the module: there the op runs on all rows) and its call gives
+    the spec's numbers."""
+    from jax import export
+    from test_transformations import IndexedLinear
+
+    case = IndexedLinear(rows=16)
+    mesh = _row_mesh()
+    rows, replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
+    f = jax.jit(case.op("reference"), in_shardings=(rows, replicated, rows), out_shardings=rows)
+    exported = export.deserialize(export.export(f)(case.x, case.params, case.indices).serialize())
+    with jax.set_mesh(mesh):
+        out = exported.call(*_sharded(case, mesh))
+    assert_trees_close(out, case.spec(case.x, case.params, case.indices))
