@@ -21,8 +21,9 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "
 
 
 def _row_mesh(axis_type=jax.sharding.AxisType.Auto):
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 virtual CPU devices)")
+    # tests/conftest.py asks XLA for 4 virtual CPU devices before JAX starts: fewer means
+    # something reset XLA_FLAGS first, which must not pass silently
+    assert len(jax.devices()) >= 4, f"4 devices expected, got {jax.devices()}"
     return jax.make_mesh((4,), ("rows",), axis_types=(axis_type,))
 
 
