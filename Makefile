@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install test lint bench gpu-check
+.PHONY: install test lint bench gpu-check compile-check
 
 install: $(STAMP)
 
@@ -52,3 +52,20 @@ gpu-check: $(if $(GPU_PYTHON),,$(GPU_STAMP))
 	$(GPU_RUN) -c 'import jax, sys; d = jax.devices()[0]; print(d.device_kind); sys.exit(d.platform != "gpu")'
 	E3KERNELS_GPU_TESTS=1 $(GPU_RUN) -m pytest -q -p no:cacheprovider tests/gpu
 	$(GPU_RUN) -m bench --workloads indexed_linear,symmetric_contraction $(BENCH_ARGS)
+
+# Without a GPU or TPU: every kernel compiled by Mosaic (TPU v5e, v6e) and by XLA:GPU's
+# Triton pipeline and ptxas (H100, H200); prints registers, spills, shared memory and
+# tensor-core use per kernel and fails on a spill or a rejected kernel. Its own venv:
+# the TPU and CUDA compilers are large and `make test` does not need them.
+COMPILE_VENV := .venv-compile
+COMPILE_STAMP := $(COMPILE_VENV)/.installed
+
+$(COMPILE_STAMP): pyproject.toml
+	test -x $(COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(COMPILE_VENV)
+	$(COMPILE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPILE_VENV)/bin/python -m pip install --quiet -e ".[compile-check]"
+	touch $(COMPILE_STAMP)
+
+# COMPILE_ARGS="--targets H100 --entries indexed_linear" for a subset
+compile-check: $(COMPILE_STAMP)
+	$(COMPILE_VENV)/bin/python -m bench.compile_check $(COMPILE_ARGS)

@@ -256,3 +256,27 @@ def test_lowers_second_order_bfloat16(platform):
         return jax.grad(force_like, argnums=(0, 1))(x, weights)
 
     assert LOWERING_MARKERS[platform] in lowered_text(second, args, platform)
+
+
+def test_tpu_kernels_compute_high_precision_as_three_bfloat16_passes():
+    """Mosaic has no ``HIGH`` dot: the TPU kernels split float32 operands into bfloat16
+    high and low parts, as XLA does on TPU. The result is far closer to the float64 spec
+    than one bfloat16 pass (operands rounded to bfloat16) is."""
+    case = Case("8x0e + 8x1o", "8x0e + 8x1o", num_sets=2, num_rows=24)
+    high = functools.partial(kernels.indexed_linear, plan=case.plan, platform="tpu", interpret=True,
+                             precision=jax.lax.Precision.HIGH)
+    out = np.asarray(high(case.x, case.weights, (), case.indices), np.float64)
+    with jax.enable_x64():
+        def exact(x, weights):
+            as64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32).astype(jnp.float64), tree)
+            return np.asarray(spec.indexed_linear(as64(x), as64(weights), (), case.indices, case.plan))
+
+        expected = exact(case.x, case.weights)
+        to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+        one_pass = exact(to_bf16(case.x), to_bf16(case.weights))
+    error, one_pass_error = np.max(np.abs(out - expected)), np.max(np.abs(one_pass - expected))
+    assert error < one_pass_error / 30, (error, one_pass_error)
+    plan, args = shapes("8x0e + 8x1o", 2, 24)
+    impl = kernels.implementations(plan, jax.lax.Precision.HIGH, jnp.float32)["tpu"]
+    grads = lambda x, w, b, i: jax.grad(lambda x, w: jnp.sum(impl(x, w, b, i)), argnums=(0, 1))(x, w)
+    assert LOWERING_MARKERS["tpu"] in lowered_text(grads, args, "tpu")

@@ -50,14 +50,23 @@ class KernelConfig:
         return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def dot(a, b, precision: lax.Precision, contract_rows: bool = False):
+def dot(a, b, precision: lax.Precision, contract_rows: bool = False, split_high: bool = False):
     """``a @ b`` (``a.T @ b`` with ``contract_rows``) accumulated in float32.
 
     Float32 operands multiply at ``precision`` (JAX's contract); 16-bit operands multiply
-    in their own dtype, where precision has no meaning.
+    in their own dtype, where precision has no meaning. ``split_high`` computes ``HIGH``
+    as XLA does on TPU, three bfloat16 passes (``hi*hi + hi*lo + lo*hi``), for Mosaic,
+    which has no such dot.
     """
     dtype = jnp.promote_types(a.dtype, b.dtype)
+    a, b = a.astype(dtype), b.astype(dtype)
     dims = (((0,), (0,)) if contract_rows else ((1,), (0,)), ((), ()))
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
-                           precision=precision if dtype == jnp.float32 else None,
-                           preferred_element_type=jnp.float32)
+    if dtype != jnp.float32:
+        return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    if split_high and precision == lax.Precision.HIGH:
+        a_hi, b_hi = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        a_lo = (a - a_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        b_lo = (b - b_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        passes = ((a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi))
+        return sum(lax.dot_general(x, y, dims, preferred_element_type=jnp.float32) for x, y in passes)
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)

@@ -28,8 +28,9 @@ from e3kernels.grouping import Grouping, tile_schedule
 from e3kernels.irreps import LinearPlan, Segment, output_segments
 from e3kernels.kernels._common import KernelConfig, dot
 
-#: widest chunk of a multiplicity in one dot operand (a 128 x 128 float32 tile is 64 KiB)
-MAX_CHUNK = 128
+#: widest chunk of a multiplicity in one weight-gradient dot operand (a 128 x 128 float32
+#: tile is 64 KiB)
+WGRAD_CHUNK = 128
 #: smallest dot operand dimension the Triton lowering accepts
 MIN_DOT = 16
 #: the largest weight tile kept in registers across the irrep components, in elements
@@ -38,10 +39,17 @@ HOIST_LIMIT = 2 * 128 * 128
 WGRAD_TILE_ROWS = 128
 
 
-def chunks(size: int) -> list[tuple[int, int]]:
-    """``(start, width)`` chunks of ``range(size)``: power-of-two widths, >= 16, <= 128."""
-    width = min(max(MIN_DOT, 1 << (size - 1).bit_length()), MAX_CHUNK)
+def chunks(size: int, widest: int) -> list[tuple[int, int]]:
+    """``(start, width)`` chunks of ``range(size)``: power-of-two widths, >= 16, <= ``widest``."""
+    width = min(max(MIN_DOT, 1 << (size - 1).bit_length()), widest)
     return [(start, width) for start in range(0, size, width)]
+
+
+def forward_chunk(precision) -> int:
+    """Widest chunk of a multiplicity in one forward dot operand. Measured with ptxas on
+    H100 (``make compile-check``): tensor-core dots keep 64 x 64 weight tiles without
+    spilling, float32 FMA dots (``HIGHEST``) 32 x 32."""
+    return 32 if precision == lax.Precision.HIGHEST else 64
 
 
 def _load(ref, rows, cols, ok_rows, ok_cols, *leading):
@@ -72,7 +80,10 @@ def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: 
     Rows of the invalid group ``num_groups`` are set to ``fill``.
     """
     tiles = tile_schedule(grouping, config.tile_rows)
-    work = tuple((seg, start, width) for seg in output_segments(plan) for start, width in chunks(seg.mul))
+    widest = forward_chunk(precision)
+    work = tuple(
+        (seg, start, width) for seg in output_segments(plan) for start, width in chunks(seg.mul, widest)
+    )
     kernel = functools.partial(
         _apply_kernel, plan=plan, work=work, num_groups=num_groups, fill=fill,
         precision=precision, tile_rows=config.tile_rows,
@@ -110,8 +121,9 @@ def _write_chunk(seg: Segment, v_start, v_width, *, plan, rows, inside, weight_s
     """Output columns of multiplicities ``v_start : v_start + v_width`` of one segment."""
     v = v_start + jnp.arange(v_width)
     v_ok = v < seg.mul
-    terms = _weight_terms(seg, v, v_ok, plan, weight_set, w_refs)
-    for m in range(seg.ir_dim):
+    terms = _weight_terms(seg, v, v_ok, plan, weight_set, w_refs, forward_chunk(precision))
+
+    def component(m, carry):
         acc = jnp.zeros((rows.shape[0], v_width), jnp.float32)
         for block, u, u_ok, weight in terms:
             x = _load(x_ref, rows, block.in_start + u * block.ir_dim + m, inside, u_ok)
@@ -123,9 +135,13 @@ def _write_chunk(seg: Segment, v_start, v_width, *, plan, rows, inside, weight_s
         cols = seg.out_start + v * seg.ir_dim + m
         plgpu.store(out_ref.at[rows[:, None], cols[None, :]], acc.astype(out_ref.dtype),
                     mask=inside[:, None] & v_ok[None, :])
+        return carry
+
+    # a loop, not unrolled: unrolled, the compiler keeps every component's addresses live
+    lax.fori_loop(0, seg.ir_dim, component, 0)
 
 
-def _weight_terms(seg: Segment, v, v_ok, plan, weight_set, w_refs):
+def _weight_terms(seg: Segment, v, v_ok, plan, weight_set, w_refs, widest):
     """``(block, u, u_ok, weight)`` per block and input chunk; ``weight()`` gives the tile.
 
     Weight tiles are loaded once for all irrep components when they are small enough to
@@ -134,7 +150,7 @@ def _weight_terms(seg: Segment, v, v_ok, plan, weight_set, w_refs):
     terms = []
     for k in seg.blocks:
         block = plan.blocks[k]
-        for u_start, u_width in chunks(block.mul_in):
+        for u_start, u_width in chunks(block.mul_in, widest):
             u = u_start + jnp.arange(u_width)
             u_ok = u < block.mul_in
             load = functools.partial(_load, w_refs[k], u, v, u_ok, v_ok, weight_set)
@@ -166,8 +182,8 @@ def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
     work = tuple(
         (slot, k, u_start, u_width, v_start, v_width)
         for slot, k in enumerate(active)
-        for u_start, u_width in chunks(plan.blocks[k].mul_in)
-        for v_start, v_width in chunks(plan.blocks[k].mul_out)
+        for u_start, u_width in chunks(plan.blocks[k].mul_in, WGRAD_CHUNK)
+        for v_start, v_width in chunks(plan.blocks[k].mul_out, WGRAD_CHUNK)
     )
     if not work:
         return [None] * len(plan.blocks), tiles.group

@@ -98,7 +98,7 @@ def _segment_kernel(group_ref, *refs, blocks: list[LinearBlock], bias_weights, i
     for m in range(ir_dim):
         acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
         for block, x_ref, w_ref in zip(blocks, x_refs, w_refs):
-            acc += block.path_weight * dot(x_ref[m], w_ref[...], precision)
+            acc += block.path_weight * dot(x_ref[m], w_ref[...], precision, split_high=True)
         for path_weight, b_ref in zip(bias_weights, b_refs):
             acc += path_weight * b_ref[...].astype(jnp.float32)
         out_ref[m] = acc.astype(out_ref.dtype)
@@ -150,6 +150,6 @@ def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups,
 def _weight_kernel(group_ref, x_ref, g_ref, out_ref, *, block, num_groups, precision):
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     for m in range(block.ir_dim):
-        acc += dot(x_ref[m], g_ref[m], precision)
+        acc += dot(x_ref[m], g_ref[m], precision, split_high=True)
     invalid = group_ref[pl.program_id(0)] >= num_groups
     out_ref[...] = jnp.where(invalid, 0.0, block.path_weight * acc)

@@ -48,10 +48,12 @@ forward is compute-bound by a little, with TF32 (opt-in, below) it is memory-bou
 The backward does this twice (input and weight gradients) plus small partial sums.
 
 Block sizes. GPU: tiles of 16 or 32 rows (16 when groups are small, to waste less of the
-last tile of each group), chunks of at most 128 channels per dot operand (a 128 x 128
-float32 weight tile is 64 KiB, loaded once per program and reused for every ``m``),
-4 warps; at the MACE size the grid is 135 tiles x 4 output blocks = 540 programs, about
-4 per SM of an H100. Weight-gradient programs sum 128 rows each (4 sub-tiles in a loop),
+last tile of each group); forward chunks of at most 64 channels per dot operand (32 at
+``HIGHEST``, whose dots are FMAs), the weight tiles loaded once per program and kept in
+registers for every ``m``, which a loop visits (unrolled, the compiler kept every ``m``'s
+gather addresses live and spilled); 4 warps. At the MACE size the grid is 135 tiles x 8
+output chunks = 1080 programs, about 8 per SM of an H100, with no spills (ptxas, ``make
+compile-check``). Weight-gradient programs sum 128 rows each (4 sub-tiles in a loop),
 so the partials (42 tiles x 64 KiB per block) stay small against ``x``. TPU: tiles of
 16 to 128 rows, so the per-``m`` matmul is (128, 128) @ (128, 128) at the MACE size; the
 weight gradient uses 128-row tiles (the lane dimension of its ``(d, mul, rows)`` blocks).

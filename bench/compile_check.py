@@ -1,0 +1,346 @@
+"""``python -m bench.compile_check``: every kernel compiled by the real TPU and GPU compilers,
+on a machine without either device.
+
+Lowering a Pallas kernel is not compiling it: Mosaic's layout rules, Triton's pipeline to
+PTX and ptxas only run at ``.compile()``. JAX can compile for devices it does not have:
+
+* TPU: ``jax.experimental.topologies.get_topology_desc("v5e:2x2", "tpu")`` gives compile-only
+  devices (``libtpu``, from ``jax[tpu]``); a program compiled on one of them runs Mosaic.
+* GPU: the CUDA plugin (``jax[cuda12-local]``, no CUDA runtime needed) gives a compile-only
+  device for a target description (``bench/gpu_targets/*.txtpb``: compute capability,
+  shared memory, registers). XLA then runs Triton to PTX and ptxas; ``--xla_dump_to``
+  keeps the PTX and the launch of every kernel (grid, threads, shared memory), and
+  ``ptxas -v`` on that PTX gives registers and spills.
+
+Every entry point of both ops (forward, gradient, second order) is compiled at the bench's
+MACE-M sizes for each target; the indexed Linear at each matmul precision. A control
+kernel that the compiler must reject proves it ran. Prints one table per target and
+writes JSON to ``bench/results/``. ``make compile-check`` installs what it needs into
+``.venv-compile``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: the CPU is the only real platform (the CUDA plugin then registers
+# without looking for a driver), and XLA keeps what it compiles for GPU targets.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from bench.workloads import CHANNELS, KEEP, LINEAR_IRREPS, NODE_IRREPS, ORDERS, SPECIES  # noqa: E402
+from e3kernels import ops  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+GPU_TARGETS = Path(__file__).parent / "gpu_targets"
+TPU_TOPOLOGIES = {"TPU v5e": "v5e:2x2", "TPU v6e": "v6e:2x2"}
+GPU_SPECS = {"H100": "h100_sxm.txtpb", "H200": "h200.txtpb"}
+ROWS = 4000
+#: the names our pallas_calls give their kernels
+KERNEL_NAMES = ("indexed_linear_gpu", "indexed_linear_weight_grad_gpu", "sparse_polynomial",
+                "sparse_row_reduction", "indexed_linear_tpu", "indexed_linear_weight_grad_tpu")
+
+
+@dataclasses.dataclass
+class Kernel:
+    """One compiled kernel of one entry point (GPU figures from ptxas and XLA's launch)."""
+
+    target: str
+    entry: str
+    kernel: str
+    grid: str = "-"
+    shared_bytes: int | None = None
+    registers: int | None = None
+    spill_store_bytes: int | None = None
+    spill_load_bytes: int | None = None
+    tensor_core_instructions: int | None = None
+    error: str | None = None
+
+
+# ---- the entry points ---------------------------------------------------------------------
+
+
+def _entry_points() -> list[tuple[str, Callable, tuple]]:
+    """``(name, function, argument types)`` for every entry point at MACE-M sizes."""
+    entries = []
+    f32 = jnp.float32
+    linear = ops.linear_plan(LINEAR_IRREPS, LINEAR_IRREPS)
+    x = jax.ShapeDtypeStruct((ROWS, linear.dim_in), f32)
+    w = [jax.ShapeDtypeStruct(s, f32) for s in linear.weight_shapes(SPECIES)]
+    i = jax.ShapeDtypeStruct((ROWS,), jnp.int32)
+    projection = np.random.default_rng(0).standard_normal((ROWS, linear.dim_out)).astype(np.float32)
+    for precision in ("DEFAULT", "HIGH", "HIGHEST"):
+        def apply(x, w, i, precision=lax.Precision[precision]):
+            return ops.indexed_linear(x, w, i, linear, backend="pallas", precision=precision)
+
+        entries += _three_orders(f"indexed_linear {precision}", apply, (x, w, i), projection)
+
+    plan = ops.symmetric_contraction_plan(NODE_IRREPS, ORDERS, keep_irrep_out=KEEP)
+    xs = jax.ShapeDtypeStruct((ROWS, CHANNELS, plan.dim_in), f32)
+    ws = [jax.ShapeDtypeStruct((SPECIES, p.mul, CHANNELS), f32) for p in plan.paths]
+    projection = np.random.default_rng(1).standard_normal((ROWS, CHANNELS, plan.dim_out)).astype(np.float32)
+
+    def contract(x, w, i):
+        return ops.symmetric_contraction(x, w, plan, indices=i, backend="pallas")
+
+    entries += _three_orders("symmetric_contraction", contract, (xs, ws, i), projection)
+    return entries
+
+
+def _three_orders(name, apply, args, projection):
+    """The forward pass, the gradient of a fixed projection, and the gradient of a loss on
+    the input gradient (force training: second order)."""
+
+    def energy(x, w, i):
+        return jnp.sum(projection * apply(x, w, i))
+
+    def force_loss(x, w, i):
+        return jnp.sum(jnp.sin(jax.grad(energy)(x, w, i)))
+
+    return [
+        (f"{name} fwd", apply, args),
+        (f"{name} grad", jax.grad(energy, argnums=(0, 1)), args),
+        (f"{name} 2nd order", jax.grad(force_loss, argnums=(0, 1)), args),
+    ]
+
+
+# ---- compiling for a target ---------------------------------------------------------------
+
+
+def _on_device(args, device):
+    """Argument types placed on one compile-only device (Pallas' TPU lowering asks the
+    current device for its kind, so programs are also lowered under its mesh)."""
+    sharding = NamedSharding(jax.sharding.Mesh(np.array([device]), ("d",)), P())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+
+
+def _compile(fn, args, device, platform, options=None):
+    mesh = jax.sharding.Mesh(np.array([device]), ("d",))
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn).trace(*_on_device(args, device)).lower(lowering_platforms=(platform,))
+        return lowered.compile(compiler_options=options)
+
+
+def tpu_target(name: str, topology: str, entries, progress) -> list[Kernel]:
+    device = topologies.get_topology_desc(topology, "tpu").devices[0]
+    kernels = []
+    for entry, fn, args in entries:
+        progress(f"  {name}: {entry}")
+        try:
+            text = _compile(fn, args, device, "tpu").as_text()
+        except Exception as error:  # noqa: BLE001 - reported per entry, the check goes on
+            kernels.append(Kernel(name, entry, "-", error=_short(error)))
+            continue
+        found = [k for k in KERNEL_NAMES if re.search(rf"\b{k}\b", text)]
+        kernels += [Kernel(name, entry, k) for k in found] or [Kernel(name, entry, "-", error="no kernel")]
+    return kernels
+
+
+def gpu_target(name: str, spec: str, entries, ptxas: str, progress) -> list[Kernel]:
+    device = _gpu_device(spec)
+    kernels = []
+    for entry, fn, args in entries:
+        progress(f"  {name}: {entry}")
+        with tempfile.TemporaryDirectory() as dump:
+            try:
+                _compile(fn, args, device, "cuda", {"xla_dump_to": dump})
+            except Exception as error:  # noqa: BLE001
+                kernels.append(Kernel(name, entry, "-", error=_short(error)))
+                continue
+            kernels += _gpu_kernels(name, entry, Path(dump), ptxas)
+    return kernels
+
+
+def _gpu_device(spec: str):
+    config = (GPU_TARGETS / spec).read_text()
+    return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=config).devices[0]
+
+
+def _gpu_kernels(target: str, entry: str, dump: Path, ptxas: str) -> list[Kernel]:
+    """Our kernels in an XLA dump: launch from the thunk sequence, resources from ptxas."""
+    launches = []
+    for path in dump.glob("*thunk_sequence.txt"):
+        for line in path.read_text().splitlines():
+            m = re.search(r"kCustomKernel.*?\s(\w+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+"
+                          r"shared_memory: (\d+)", line)
+            if m and m.group(1) in KERNEL_NAMES:
+                launches.append((m.group(1), m.group(2).replace(" ", ""), int(m.group(4))))
+    ptx_by_name: dict[str, list[Path]] = {}
+    for path in sorted(dump.glob("*.ptx")):
+        m = re.search(r"\.entry (\w+)\(", path.read_text())
+        if m and m.group(1) in KERNEL_NAMES:
+            ptx_by_name.setdefault(m.group(1), []).append(path)
+    kernels = []
+    for name, grid, shared in launches:
+        kernel = Kernel(target, entry, name, grid=grid, shared_bytes=shared)
+        candidates = ptx_by_name.get(name, [])
+        if candidates:
+            ptx = candidates.pop(0)
+            kernel.tensor_core_instructions = len(re.findall(r"\b(?:w?gmma|mma)\.", ptx.read_text()))
+            _ptxas(kernel, ptx, ptxas)
+        kernels.append(kernel)
+    return kernels or [Kernel(target, entry, "-", error="no kernel in the dump")]
+
+
+def _ptxas(kernel: Kernel, ptx: Path, ptxas: str) -> None:
+    arch = re.search(r"\.target (sm_\w+)", ptx.read_text()).group(1)
+    run = subprocess.run([ptxas, f"-arch={arch}", "-v", str(ptx), "-o", os.devnull],
+                         capture_output=True, text=True)
+    report = run.stderr + run.stdout
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if run.returncode or not registers:
+        kernel.error = f"ptxas: {report.strip()[-200:]}"
+        return
+    kernel.registers = int(registers.group(1))
+    stores, loads = spills.groups() if spills else (0, 0)
+    kernel.spill_store_bytes, kernel.spill_load_bytes = int(stores), int(loads)
+
+
+# ---- the control kernels: what the compilers must reject ----------------------------------
+
+
+def _control_gpu(x_ref, y_ref, o_ref):
+    o_ref[...] = jnp.dot(x_ref[...], y_ref[...])  # 512^3 float32 operands: 2 MiB of shared memory
+
+
+def _control_tpu(x_ref, o_ref):
+    # flattening a (16, 130) tile: a shape cast Mosaic's layout inference rejects
+    o_ref[...] = x_ref[...].reshape(16 * 130)[:128].reshape(1, 128)
+
+
+def control_rejected(platform: str, device) -> str | None:
+    """The compiler's error on a kernel it must reject, or ``None`` if it compiled it.
+    The kernel must lower: a rejection before the compiler runs proves nothing."""
+    if platform == "cuda":
+        spec = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+        fn = pl.pallas_call(_control_gpu, out_shape=spec, compiler_params=plgpu.CompilerParams())
+        args = (spec, spec)
+    else:
+        spec = jax.ShapeDtypeStruct((16, 130), jnp.float32)
+        fn = pl.pallas_call(_control_tpu, out_shape=jax.ShapeDtypeStruct((1, 128), jnp.float32))
+        args = (spec,)
+    mesh = jax.sharding.Mesh(np.array([device]), ("d",))
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn).trace(*_on_device(args, device)).lower(lowering_platforms=(platform,))
+        try:
+            lowered.compile()
+        except Exception as error:  # noqa: BLE001 - the rejection is the expected outcome
+            return _short(error)
+    return None
+
+
+def _short(error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300]
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def table(kernels: list[Kernel]) -> str:
+    header = ("| entry point | kernel | grid | shared memory B | registers | spill stores / loads B "
+              "| tensor-core instrs | error |")
+    lines = [header, "|" + "---|" * 8]
+    for k in kernels:
+        spills = "-" if k.spill_store_bytes is None else f"{k.spill_store_bytes} / {k.spill_load_bytes}"
+        lines.append(
+            f"| {k.entry} | {k.kernel} | {k.grid} | {_dash(k.shared_bytes)} | {_dash(k.registers)} "
+            f"| {spills} | {_dash(k.tensor_core_instructions)} | {k.error or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _find_ptxas() -> str | None:
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    try:
+        import nvidia.cuda_nvcc  # the nvidia-cuda-nvcc wheel
+    except ImportError:
+        return None
+    path = Path(next(iter(nvidia.cuda_nvcc.__path__))) / "bin" / "ptxas"
+    return str(path) if path.exists() else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_check",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", default=",".join(list(TPU_TOPOLOGIES) + list(GPU_SPECS)),
+                        help="comma-separated subset of the targets")
+    parser.add_argument("--entries", default="", help="only entry points whose name contains this")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in TPU_TOPOLOGIES and t not in GPU_SPECS]
+    if unknown:
+        parser.error(f"--targets: unknown {unknown}; expected names from "
+                     f"{list(TPU_TOPOLOGIES) + list(GPU_SPECS)}")
+    progress = lambda message: print(message, file=sys.stderr, flush=True)
+    entries = [e for e in _entry_points() if args.entries in e[0]]
+    ptxas = _find_ptxas()
+    progress(f"compile check: jax {jax.__version__}, {len(entries)} entry points, targets {targets}")
+
+    report, failed = {}, []
+    for target in targets:
+        start = time.perf_counter()
+        if target in TPU_TOPOLOGIES:
+            device = topologies.get_topology_desc(TPU_TOPOLOGIES[target], "tpu").devices[0]
+            control = control_rejected("tpu", device)
+            kernels = tpu_target(target, TPU_TOPOLOGIES[target], entries, progress)
+        else:
+            if ptxas is None:
+                failed.append(f"{target}: no ptxas (install nvidia-cuda-nvcc-cu12)")
+                continue
+            device = _gpu_device(GPU_SPECS[target])
+            control = control_rejected("cuda", device)
+            kernels = gpu_target(target, GPU_SPECS[target], entries, ptxas, progress)
+        seconds = time.perf_counter() - start
+        print(f"\n### {target} ({device.device_kind}), {seconds:.0f} s\n")
+        print(f"control kernel rejected: {control or 'NO: the compiler accepted it'}\n")
+        print(table(kernels), flush=True)
+        if control is None:
+            failed.append(f"{target}: the control kernel compiled, so the compiler did not run")
+        failed += [f"{target}: {k.entry}: {k.error}" for k in kernels if k.error]
+        failed += [f"{target}: {k.entry}: {k.kernel} spills" for k in kernels if k.spill_store_bytes]
+        report[target] = {"device_kind": device.device_kind, "seconds": seconds, "control_rejected": control,
+                          "kernels": [dataclasses.asdict(k) for k in kernels]}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"compile-check-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps({"jax": jax.__version__, "targets": report, "failures": failed}, indent=1))
+    progress(f"wrote {path}")
+    if failed:
+        print("\nFailures:\n" + "\n".join(f"- {f}" for f in failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
