@@ -52,6 +52,12 @@ def forward_chunk(precision) -> int:
     return 32 if precision == lax.Precision.HIGHEST else 64
 
 
+def weight_grad_chunk(precision) -> int:
+    """As :func:`forward_chunk` for the weight gradient, whose tensor-core dots fit
+    128 x 128 tiles (its only live tile is the accumulator)."""
+    return 32 if precision == lax.Precision.HIGHEST else WGRAD_CHUNK
+
+
 def _load(ref, rows, cols, ok_rows, ok_cols, *leading):
     """A masked gather ``ref[*leading, rows, cols]`` (zeros where masked)."""
     return plgpu.load(ref.at[(*leading, rows[:, None], cols[None, :])],
@@ -182,8 +188,8 @@ def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
     work = tuple(
         (slot, k, u_start, u_width, v_start, v_width)
         for slot, k in enumerate(active)
-        for u_start, u_width in chunks(plan.blocks[k].mul_in, WGRAD_CHUNK)
-        for v_start, v_width in chunks(plan.blocks[k].mul_out, WGRAD_CHUNK)
+        for u_start, u_width in chunks(plan.blocks[k].mul_in, weight_grad_chunk(precision))
+        for v_start, v_width in chunks(plan.blocks[k].mul_out, weight_grad_chunk(precision))
     )
     if not work:
         return [None] * len(plan.blocks), tiles.group
