@@ -318,13 +318,21 @@ def _rows_typed_like(aval: core.ShapedArray, row_axis, avals, in_row_axes) -> co
     for a, axis in zip(avals, in_row_axes):
         if axis is None:
             continue
-        spec = tuple(a.sharding.spec)
-        mesh_axes = spec[axis] if axis < len(spec) else None
+        mesh_axes = _mesh_axes_at(a.sharding.spec, axis)
         if mesh_axes is None:
             return aval
-        out_spec = [mesh_axes if d == row_axis else None for d in range(len(aval.shape))]
-        return aval.update(sharding=a.sharding.update(spec=jax.sharding.PartitionSpec(*out_spec)))
+        return aval.update(sharding=a.sharding.update(spec=_rows_spec(aval, row_axis, mesh_axes)))
     return aval
+
+
+def _mesh_axes_at(spec, axis: int):
+    """The mesh axes a partition spec splits dimension ``axis`` over (``None``: none)."""
+    return spec[axis] if axis < len(spec) else None
+
+
+def _rows_spec(aval, row_axis, mesh_axes) -> jax.sharding.PartitionSpec:
+    """``aval``'s rows split over ``mesh_axes``, its other dimensions replicated."""
+    return jax.sharding.PartitionSpec(*[mesh_axes if d == row_axis else None for d in range(len(aval.shape))])
 
 
 @call_p.def_impl
@@ -417,8 +425,7 @@ def _row_mesh_axes(arg_shapes, row_axes) -> tuple[str, ...] | None:
         sharding = shape.sharding
         if not isinstance(sharding, jax.sharding.NamedSharding):
             return None
-        spec = tuple(sharding.spec)
-        axes = spec[axis] if axis < len(spec) else None
+        axes = _mesh_axes_at(sharding.spec, axis)
         if axes is None:
             return None
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -429,13 +436,12 @@ def _row_mesh_axes(arg_shapes, row_axes) -> tuple[str, ...] | None:
 
 
 def _rows_sharding(mesh, mesh_axes, shape, row_axis):
-    spec = [mesh_axes if d == row_axis and mesh_axes else None for d in range(len(shape.shape))]
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.sharding.NamedSharding(mesh, _rows_spec(shape, row_axis, mesh_axes))
 
 
 def _sharding_rule(target: Target):
     """Shardy's rule: one factor ``n`` for the rows, and every other dimension replicated."""
-    factors, replicated = [], []
+    replicated = []  # every factor but "n", each named once
 
     def mapping(aval, row_axis, prefix):
         names = []
@@ -443,9 +449,8 @@ def _sharding_rule(target: Target):
             if d == row_axis:
                 names.append("n")
             else:
-                names.append(f"{prefix}{len(factors)}")
-                replicated.append(names[-1])
-                factors.append(names[-1])
+                replicated.append(f"{prefix}{len(replicated)}")
+                names.append(replicated[-1])
         return " ".join(names)
 
     operands = [mapping(a, r, "i") for a, r in zip(target.in_avals, target.in_row_axes)]

@@ -28,9 +28,11 @@ from e3kernels.grouping import Grouping, tile_schedule
 from e3kernels.irreps import LinearPlan, Segment, output_segments
 from e3kernels.kernels._common import KernelConfig, dot
 
-#: widest chunk of a multiplicity in one weight-gradient dot operand (a 128 x 128 float32
-#: tile is 64 KiB)
-WGRAD_CHUNK = 128
+#: Widest chunk of a multiplicity in one dot operand, measured with ptxas on H100 (``make
+#: compile-check``) for zero spills. Tensor-core dots: the forward keeps 64 x 64 weight
+#: tiles live across the irrep components; the weight gradient fits 128 x 128 (its only
+#: live tile is the accumulator). Float32 FMA dots (``HIGHEST``): 32 x 32 in both.
+FORWARD_CHUNK, WGRAD_CHUNK, FMA_CHUNK = 64, 128, 32
 #: smallest dot operand dimension the Triton lowering accepts
 MIN_DOT = 16
 #: the largest weight tile kept in registers across the irrep components, in elements
@@ -45,17 +47,9 @@ def chunks(size: int, widest: int) -> list[tuple[int, int]]:
     return [(start, width) for start in range(0, size, width)]
 
 
-def forward_chunk(precision) -> int:
-    """Widest chunk of a multiplicity in one forward dot operand. Measured with ptxas on
-    H100 (``make compile-check``): tensor-core dots keep 64 x 64 weight tiles without
-    spilling, float32 FMA dots (``HIGHEST``) 32 x 32."""
-    return 32 if precision == lax.Precision.HIGHEST else 64
-
-
-def weight_grad_chunk(precision) -> int:
-    """As :func:`forward_chunk` for the weight gradient, whose tensor-core dots fit
-    128 x 128 tiles (its only live tile is the accumulator)."""
-    return 32 if precision == lax.Precision.HIGHEST else WGRAD_CHUNK
+def widest_chunk(precision, tensor_core_chunk: int) -> int:
+    """:data:`FMA_CHUNK` where the dots are FMAs (``HIGHEST``), else ``tensor_core_chunk``."""
+    return FMA_CHUNK if precision == lax.Precision.HIGHEST else tensor_core_chunk
 
 
 def _load(ref, rows, cols, ok_rows, ok_cols, *leading):
@@ -86,7 +80,7 @@ def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: 
     Rows of the invalid group ``num_groups`` are set to ``fill``.
     """
     tiles = tile_schedule(grouping, config.tile_rows)
-    widest = forward_chunk(precision)
+    widest = widest_chunk(precision, FORWARD_CHUNK)
     work = tuple(
         (seg, start, width) for seg in output_segments(plan) for start, width in chunks(seg.mul, widest)
     )
@@ -127,7 +121,7 @@ def _write_chunk(seg: Segment, v_start, v_width, *, plan, rows, inside, weight_s
     """Output columns of multiplicities ``v_start : v_start + v_width`` of one segment."""
     v = v_start + jnp.arange(v_width)
     v_ok = v < seg.mul
-    terms = _weight_terms(seg, v, v_ok, plan, weight_set, w_refs, forward_chunk(precision))
+    terms = _weight_terms(seg, v, v_ok, plan, weight_set, w_refs, widest_chunk(precision, FORWARD_CHUNK))
 
     def component(m, carry):
         acc = jnp.zeros((rows.shape[0], v_width), jnp.float32)
@@ -185,11 +179,12 @@ def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
     tiles = tile_schedule(grouping, WGRAD_TILE_ROWS)
     num_tiles = tiles.group.shape[0]
     active = [k for k, b in enumerate(plan.blocks) if b.mul_in and b.mul_out]
+    widest = widest_chunk(precision, WGRAD_CHUNK)
     work = tuple(
         (slot, k, u_start, u_width, v_start, v_width)
         for slot, k in enumerate(active)
-        for u_start, u_width in chunks(plan.blocks[k].mul_in, weight_grad_chunk(precision))
-        for v_start, v_width in chunks(plan.blocks[k].mul_out, weight_grad_chunk(precision))
+        for u_start, u_width in chunks(plan.blocks[k].mul_in, widest)
+        for v_start, v_width in chunks(plan.blocks[k].mul_out, widest)
     )
     if not work:
         return [None] * len(plan.blocks), tiles.group
