@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import e3nn_jax as e3nn
-import jax
-import jax.numpy as jnp
 
+from e3kernels import _layers
 from e3kernels import backend as _backend
-from e3kernels import ops
-from e3kernels._e3nn_private import FunctionalLinear, get_pytree_dtype
-from e3kernels.irreps import LinearPlan, linear_parameter_name
 
 
 class Linear(e3nn.haiku.Linear):
@@ -106,13 +101,7 @@ class Linear(e3nn.haiku.Linear):
         name: str | None = None,
         backend: str | None = None,
     ):
-        if num_indexed_weights is not None and (
-            not isinstance(num_indexed_weights, int) or num_indexed_weights < 1
-        ):
-            raise ValueError(
-                "Linear: num_indexed_weights must be a positive int or None; "
-                f"got {num_indexed_weights!r}"
-            )
+        _layers.check_num_indexed_weights("Linear", num_indexed_weights)
         super().__init__(
             irreps_out,
             channel_out,
@@ -147,118 +136,7 @@ class Linear(e3nn.haiku.Linear):
             weights, input = None, weights_or_input
         else:
             weights, input = weights_or_input, input_or_none
-        input = _as_irreps_array(input)
-        if weights is not None:
-            weights = self._checked_weights(weights)
-        self._check_options(weights)
-        if self.channel_out is None:  # with channel_out, the irreps to check are formed later
-            self._check_irreps_in(input)
+        weights, input = _layers.check_linear_call("Linear", self, weights, input)
         if weights is not None and self.num_indexed_weights is not None:
-            return self._indexed(weights, input)
+            return _layers.linear("Linear", self, weights, input, self.get_parameter, self.backend)
         return super().__call__(input) if weights is None else super().__call__(weights, input)
-
-    def _checked_weights(self, weights) -> jax.Array:
-        if isinstance(weights, e3nn.IrrepsArray):
-            if not weights.irreps.is_scalar():
-                raise ValueError(f"Linear: weights must be scalars (0e); got irreps {weights.irreps}")
-            weights = weights.array
-        weights = jnp.asarray(weights)
-        indexed = self.num_indexed_weights is not None
-        if weights.dtype.kind != ("i" if indexed else "f"):
-            raise ValueError(
-                "Linear: weights must be integers with num_indexed_weights set, or floats "
-                f"without it; got weights of dtype {weights.dtype} and "
-                f"num_indexed_weights={self.num_indexed_weights}"
-            )
-        return weights
-
-    def _check_options(self, weights) -> None:
-        """Clear errors where e3nn-jax asserts, or names another module."""
-        if self.channel_out is not None and self.weights_per_channel:
-            raise ValueError("Linear: channel_out and weights_per_channel=True exclude each other")
-        if self.weights_per_channel and weights is None:
-            raise ValueError("Linear: weights_per_channel=True needs the (weights, input) call form")
-        if self.weights_per_channel and self.num_indexed_weights is not None:
-            raise NotImplementedError(
-                "Linear: weights_per_channel=True with num_indexed_weights is not supported "
-                "(neither is it in e3nn-jax)"
-            )
-
-    def _check_irreps_in(self, input: e3nn.IrrepsArray) -> None:
-        if self.instructions is None:
-            if self.irreps_in is not None and input.irreps.regroup() != self.irreps_in.regroup():
-                raise ValueError(
-                    f"Linear: input has irreps {input.irreps}, which do not match "
-                    f"irreps_in={self.irreps_in}"
-                )
-            return
-        if self.simplify_irreps_internally:
-            raise ValueError("Linear: instructions need simplify_irreps_internally=False")
-        if self.channel_out is not None:
-            raise ValueError("Linear: instructions and channel_out exclude each other")
-        if self.irreps_in is None:
-            raise ValueError("Linear: instructions need irreps_in")
-        if input.irreps != self.irreps_in:
-            raise ValueError(
-                f"Linear: input has irreps {input.irreps}; with instructions they must equal "
-                f"irreps_in={self.irreps_in} exactly"
-            )
-
-    def _indexed(self, indices: jax.Array, input: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
-        # e3nn-jax's __call__ builds its FunctionalLinear inline, with no hook to reuse:
-        # these lines follow it step for step up to `lin`, and after the op.
-        dtype = get_pytree_dtype(indices, input)
-        input = input.astype(jnp.float32 if dtype.kind == "i" else dtype)
-        irreps_out = self.irreps_out
-        if self.simplify_irreps_internally:
-            input = input.remove_zero_chunks().regroup()
-            irreps_out = irreps_out.simplify()
-        if not self.force_irreps_out:
-            irreps_out = irreps_out.filter(keep=input.irreps)
-        if self.channel_out is not None:
-            input = input.axis_to_mul()
-            irreps_out = self.channel_out * irreps_out
-            self._check_irreps_in(input)
-        lin = FunctionalLinear(
-            input.irreps,
-            irreps_out,
-            biases=self.biases,
-            instructions=self.instructions,
-            path_normalization=self.path_normalization,
-            gradient_normalization=self.gradient_normalization,
-        )
-
-        num = self.num_indexed_weights
-        params = [
-            self.get_parameter(
-                linear_parameter_name(lin, ins), (num,) + ins.path_shape, ins.weight_std, input.dtype
-            )
-            for ins in lin.instructions
-        ]
-        plan = LinearPlan.from_functional_linear(lin)
-        weights = [p for ins, p in zip(lin.instructions, params) if ins.i_in != -1]
-        biases = [p for ins, p in zip(lin.instructions, params) if ins.i_in == -1]
-
-        shape = jnp.broadcast_shapes(input.shape[:-1], indices.shape)
-        num_rows = math.prod(shape)
-        rows = input.broadcast_to(shape + (-1,)).array.reshape(num_rows, lin.irreps_in.dim)
-        indices = jnp.broadcast_to(indices, shape).reshape(num_rows)
-        out = ops.indexed_linear(rows, weights, indices, plan, biases=biases, backend=self.backend)
-        output = e3nn.IrrepsArray(
-            lin.irreps_out, out.reshape(shape + (lin.irreps_out.dim,)), zero_flags=plan.zero_flags
-        )
-        if self.channel_out is not None:
-            output = output.mul_to_axis(self.channel_out)
-        if self.force_irreps_out:
-            return output.rechunk(self.irreps_out)
-        return output
-
-
-def _as_irreps_array(input: Any) -> e3nn.IrrepsArray:
-    try:
-        return e3nn.as_irreps_array(input)
-    except (ValueError, TypeError) as error:
-        raise TypeError(
-            "Linear: input must be an e3nn.IrrepsArray (or a scalar array); "
-            f"got {type(input).__name__}: {error}"
-        ) from error

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import e3nn_jax as e3nn
 import e3nn_jax.haiku as e3nn_haiku
 
+from e3kernels import _layers
 from e3kernels import backend as _backend
 
 
@@ -128,7 +129,6 @@ class Dropout(e3nn_haiku.Dropout):
     """
 
     def __init__(self, p: float, *, irreps: e3nn.Irreps | None = None, backend: str | None = None):
-        if not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"Dropout: p must be a probability in [0, 1]; got {p!r}")
+        _layers.checked_probability("Dropout", p)
         self.backend = None if backend is None else _backend.validate_backend(backend)
         super().__init__(p, irreps=irreps)

@@ -8,11 +8,9 @@ from typing import Any
 import e3nn_jax as e3nn
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
+from e3kernels import _layers
 from e3kernels import backend as _backend
-from e3kernels import ops
-from e3kernels.irreps import symmetric_plan
 
 
 class SymmetricTensorProduct(hk.Module):
@@ -72,41 +70,12 @@ class SymmetricTensorProduct(hk.Module):
         name: str | None = None,
     ):
         super().__init__(name)
-        try:
-            orders = tuple(orders)
-        except TypeError:
-            orders = None
-        if not orders or not all(type(o) is int and o > 0 for o in orders):
-            raise ValueError(
-                "SymmetricTensorProduct: orders must be a non-empty sequence of positive "
-                f"ints; got {orders!r}"
-            )
-        self.orders = orders
-
-        if isinstance(keep_irrep_out, str):
-            irreps = e3nn.Irreps(keep_irrep_out)
-            if any(mul != 1 for mul, _ in irreps):
-                raise ValueError(
-                    "SymmetricTensorProduct: keep_irrep_out must list each irrep once "
-                    f"without multiplicity; got {keep_irrep_out!r}"
-                )
-            keep_irrep_out = [ir for _, ir in irreps]
-        self.keep_irrep_out = (
-            None if keep_irrep_out is None else frozenset(e3nn.Irrep(ir) for ir in keep_irrep_out)
-        )
-
-        if num_indexed_weights is not None and (
-            type(num_indexed_weights) is not int or num_indexed_weights < 1
-        ):
-            raise ValueError(
-                "SymmetricTensorProduct: num_indexed_weights must be a positive int or None; "
-                f"got {num_indexed_weights!r}"
-            )
+        self.orders = _layers.checked_orders(orders)
+        self.keep_irrep_out = _layers.checked_keep_irrep_out(keep_irrep_out)
+        _layers.check_num_indexed_weights(_layers.MODULE_STP, num_indexed_weights)
         self.num_indexed_weights = num_indexed_weights
         self.backend = None if backend is None else _backend.validate_backend(backend)
-        if get_parameter is None:
-            get_parameter = _default_get_parameter
-        self.get_parameter = get_parameter
+        self.get_parameter = _default_get_parameter if get_parameter is None else get_parameter
 
     def __call__(self, indices_or_x, x_or_none=None) -> e3nn.IrrepsArray:
         """Evaluate on ``x`` of shape ``(..., num_channel, irreps)``; ``(i, x)`` with indices.
@@ -115,39 +84,10 @@ class SymmetricTensorProduct(hk.Module):
           ``IrrepsArray`` of shape ``(..., num_channel, irreps_out)``.
         """
         indices, x = (None, indices_or_x) if x_or_none is None else (indices_or_x, x_or_none)
-        name = "SymmetricTensorProduct"
-        if (indices is None) != (self.num_indexed_weights is None):
-            raise ValueError(
-                f"{name}: call as (i, x) exactly when num_indexed_weights is set; "
-                f"num_indexed_weights={self.num_indexed_weights}, "
-                f"called with {'x only' if indices is None else '(i, x)'}"
-            )
-        if not isinstance(x, e3nn.IrrepsArray):
-            raise TypeError(f"{name}: x must be an e3nn.IrrepsArray; got {type(x).__name__}")
-        if x.ndim < 2:
-            raise ValueError(
-                f"{name}: x must have shape (..., num_channel, irreps), at least 2 axes; "
-                f"got shape {x.shape}"
-            )
-        plan = symmetric_plan(x.irreps, self.orders, self.keep_irrep_out)
-        *leading, channels, _ = x.shape
-        leading = tuple(leading)
-        weight_sets = () if indices is None else (self.num_indexed_weights,)
-        weights = [
-            self.get_parameter(p.parameter_name, weight_sets + (p.mul, channels), x.dtype)
-            for p in plan.paths
-        ]
-        array = x.array
-        if indices is not None:
-            indices = jnp.asarray(indices)
-            if indices.dtype.kind not in "iu":
-                raise TypeError(f"{name}: indices must be integers; got dtype {indices.dtype}")
-            leading = jnp.broadcast_shapes(leading, indices.shape)
-            array = jnp.broadcast_to(array, leading + x.shape[-2:])
-            indices = jnp.broadcast_to(indices, leading).reshape(-1)
-        rows = array.reshape((-1, channels, plan.dim_in))
-        out = ops.symmetric_contraction(rows, weights, plan, indices=indices, backend=self.backend)
-        return e3nn.IrrepsArray(plan.irreps_out, out.reshape(leading + (channels, plan.dim_out)))
+        return _layers.symmetric_tensor_product(
+            self.orders, self.keep_irrep_out, self.num_indexed_weights, indices, x,
+            self.get_parameter, self.backend,
+        )
 
 
 def _default_get_parameter(name: str, shape: tuple[int, ...], dtype) -> jax.Array:

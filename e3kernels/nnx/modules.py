@@ -1,0 +1,531 @@
+"""The Flax NNX modules (see :mod:`e3kernels.nnx`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from e3kernels import _layers
+from e3kernels import backend as _backend
+from e3kernels._e3nn_private import batch_norm, parse_gradient_normalization
+from e3kernels.irreps import symmetric_plan
+
+_UNIT_NORMAL = nnx.initializers.normal(stddev=1.0)
+
+
+def _checked_backend(backend: str | None) -> str | None:
+    return None if backend is None else _backend.validate_backend(backend)
+
+
+def _compute_dtype(dtype, input_dtype, param_dtype):
+    """NNX's rule: ``dtype`` if given, else the promotion of the input's and parameters'."""
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(input_dtype, param_dtype)
+
+
+def _irreps_array(module: str, x, irreps_in: e3nn.Irreps) -> e3nn.IrrepsArray:
+    """``x`` as an ``IrrepsArray``: a raw array is read as ``irreps_in``."""
+    if isinstance(x, e3nn.IrrepsArray):
+        return x
+    x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[-1] != irreps_in.dim:
+        raise ValueError(
+            f"{module}: a raw array input must have a last axis of irreps_in.dim = {irreps_in.dim} "
+            f"({irreps_in}); got shape {x.shape}"
+        )
+    return e3nn.IrrepsArray(irreps_in, x)
+
+
+class Linear(nnx.Module):
+    r"""Equivariant linear layer for NNX, with e3nn-jax's ``Linear`` in every call form.
+
+    The numbers are those of ``e3nn_jax.flax.Linear`` with the same parameters; the indexed
+    form ``(i, x)`` runs :func:`e3kernels.ops.indexed_linear` (a Pallas kernel on GPU/TPU).
+    NNX creates parameters eagerly, so the input irreps and the call form are fixed here:
+
+    * ``(x)``: the default;
+    * ``(i, x)``: ``num_indexed_weights=S``, ``i`` integers in ``[0, S)`` (species ids,
+      any order);
+    * ``(w, x)``: ``weights_dim=d``, ``w`` floats of shape ``(..., d)``
+      (``weights_per_channel=True`` also needs ``channel_in``).
+
+    Parameters live in ``self.weights``, a dict of ``nnx.Param`` under e3nn-jax's names
+    (``"w[0,0] 2x0e,1x0e"``, ``"b[0] 1x0e"``), shapes and initial scales.
+
+    Args:
+      irreps_in: input irreps (a raw array input is read as these).
+      irreps_out: output irreps (those Schur's lemma allows from the input).
+      channel_out: if given, the axis before the irreps is a channel axis of size
+        ``channel_in`` mixed with them into ``channel_out`` channels.
+      channel_in: the input's channel axis size, for ``channel_out`` or
+        ``weights_per_channel``.
+      biases, path_normalization, gradient_normalization, instructions, force_irreps_out,
+      simplify_irreps_internally, num_indexed_weights, weights_per_channel: as in e3nn-jax.
+      weights_dim: size of the last axis of float weights, for the ``(w, x)`` form.
+      parameter_initializer: ``() -> initializer(key, shape, dtype)``; default a normal of
+        e3nn's scale per path.
+      dtype: of the computation; ``None`` promotes the input's with ``param_dtype``.
+      param_dtype: of the parameters.
+      backend: ``"auto"``, ``"reference"``, ``"pallas"`` or ``None`` (current setting).
+      rngs: ``nnx.Rngs`` for the parameters' initial values.
+
+    >>> import e3kernels, e3nn_jax as e3nn, jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> linear = e3kernels.nnx.Linear("1o + 2x0e", "0e + 1o", num_indexed_weights=3, rngs=nnx.Rngs(0))
+    >>> sorted(linear.weights)
+    ['w[0,0] 2x0e,1x0e', 'w[1,1] 1x1o,1x1o']
+    >>> x = e3nn.normal("1o + 2x0e", jax.random.PRNGKey(0), (4,))
+    >>> linear(jnp.array([0, 2, 1, 2]), x).shape
+    (4, 4)
+    """
+
+    def __init__(
+        self,
+        irreps_in: Any,
+        irreps_out: Any,
+        channel_out: int | None = None,
+        *,
+        channel_in: int | None = None,
+        biases: bool = False,
+        path_normalization: str | float | None = None,
+        gradient_normalization: str | float | None = None,
+        parameter_initializer: Callable[[], Any] | None = None,
+        instructions: Sequence[tuple[int, int]] | None = None,
+        num_indexed_weights: int | None = None,
+        weights_dim: int | None = None,
+        weights_per_channel: bool = False,
+        force_irreps_out: bool = False,
+        simplify_irreps_internally: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        backend: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        name = "Linear"
+        _layers.check_num_indexed_weights(name, num_indexed_weights)
+        for argument, value in (("channel_in", channel_in), ("weights_dim", weights_dim)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: {argument} must be a positive int or None; got {value!r}")
+        if num_indexed_weights is not None and weights_dim is not None:
+            raise ValueError(
+                f"{name}: give num_indexed_weights (the (i, x) form) or weights_dim (the (w, x) "
+                f"form), not both; got {num_indexed_weights} and {weights_dim}"
+            )
+        if (channel_out is not None or weights_per_channel) and channel_in is None:
+            raise ValueError(f"{name}: channel_out and weights_per_channel=True need channel_in")
+        if weights_per_channel and weights_dim is None:
+            raise ValueError(f"{name}: weights_per_channel=True needs weights_dim (the (w, x) form)")
+        self.irreps_in = e3nn.Irreps(irreps_in)
+        self.irreps_out = e3nn.Irreps(irreps_out)
+        self.channel_out = channel_out
+        self.channel_in = channel_in
+        self.biases = biases
+        self.path_normalization = path_normalization
+        self.gradient_normalization = gradient_normalization
+        self.instructions = None if instructions is None else tuple(tuple(i) for i in instructions)
+        self.num_indexed_weights = num_indexed_weights
+        self.weights_dim = weights_dim
+        self.weights_per_channel = weights_per_channel
+        self.force_irreps_out = force_irreps_out
+        self.simplify_irreps_internally = simplify_irreps_internally
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.backend = _checked_backend(backend)
+
+        # The parameters' names, shapes and scales: e3nn's own, read off one call on one row
+        # (run, not traced: the mixed form's scales are computed with jax.numpy).
+        specs = {}
+
+        def record(name, shape, std, dtype):
+            specs[name] = (shape, float(std))
+            return jnp.zeros(shape, dtype)
+
+        self._options = _layers.LinearOptions(
+            self.irreps_out, channel_out,
+            # e3nn checks irreps_in after mixing the channels into the irreps
+            self.irreps_in if channel_out is None else channel_in * self.irreps_in,
+            biases, path_normalization, gradient_normalization, self.instructions, num_indexed_weights,
+            weights_per_channel, force_irreps_out, simplify_irreps_internally,
+        )
+        leading = (1,) if channel_in is None else (1, channel_in)
+        # not e3nn.zeros: its chunks are flagged zero, and the linear map would drop them
+        x = e3nn.IrrepsArray(self.irreps_in, jnp.ones(leading + (self.irreps_in.dim,), param_dtype))
+        weights = self._example_weights(param_dtype)
+        checked = _layers.check_linear_call(name, self._options, weights, x)
+        with jax.ensure_compile_time_eval():
+            _layers.linear(name, self._options, *checked, record, "reference")
+        params = {}
+        for key, (shape, std) in specs.items():
+            if parameter_initializer is None:
+                initializer = nnx.initializers.normal(stddev=std)
+            else:
+                initializer = parameter_initializer()
+            params[key] = nnx.Param(initializer(rngs.params(), shape, param_dtype))
+        self.weights = nnx.Dict(params)
+
+    def _example_weights(self, dtype):
+        if self.num_indexed_weights is not None:
+            return jnp.zeros((1,), jnp.int32)
+        if self.weights_dim is not None:
+            return jnp.zeros((1, self.weights_dim), dtype)
+        return None
+
+    def __call__(self, weights_or_input, input_or_none=None) -> e3nn.IrrepsArray:
+        """``(x)``, ``(w, x)`` or ``(i, x)``, as fixed at construction; ``x`` an
+        ``IrrepsArray`` or a raw array of ``irreps_in``. Returns an ``IrrepsArray`` of shape
+        ``(..., [channel_out,] irreps_out.dim)``."""
+        name = "Linear"
+        if input_or_none is None:
+            weights, input = None, weights_or_input
+        else:
+            weights, input = weights_or_input, input_or_none
+        form = "(i, x)" if self.num_indexed_weights is not None else "(w, x)" if self.weights_dim else "(x)"
+        called = "(x)" if weights is None else "(i, x)" if jnp.asarray(
+            weights.array if isinstance(weights, e3nn.IrrepsArray) else weights
+        ).dtype.kind in "iu" else "(w, x)"
+        if called != form:
+            raise ValueError(
+                f"{name}: this module was built for the {form} call form "
+                "(num_indexed_weights for (i, x), weights_dim for (w, x)); "
+                f"it was called as {called}"
+            )
+        input = _irreps_array(name, input, self.irreps_in)
+        dtype = _compute_dtype(self.dtype, input.dtype, self.param_dtype)
+        input = input.astype(dtype)
+        weights, input = _layers.check_linear_call(name, self._options, weights, input)
+
+        def get_parameter(key, shape, std, dtype):
+            if key not in self.weights:
+                raise ValueError(
+                    f"{name}: the input's irreps {input.irreps} need a parameter {key!r} that a "
+                    f"module built for irreps_in={self.irreps_in} does not have"
+                )
+            value = self.weights[key][...]
+            if value.shape != tuple(shape):
+                raise ValueError(
+                    f"{name}: parameter {key!r} has shape {value.shape}; this call needs {tuple(shape)} "
+                    f"(check weights_dim={self.weights_dim} and channel_in={self.channel_in} "
+                    "against the inputs)"
+                )
+            return value.astype(dtype)
+
+        return _layers.linear(name, self._options, weights, input, get_parameter, self.backend)
+
+
+class MultiLayerPerceptron(nnx.Module):
+    """A plain MLP on scalars, with the numbers of ``e3nn_jax.flax.MultiLayerPerceptron``.
+
+    Layers are ``nnx.Linear`` in ``self.layers`` (``kernel``, and ``bias`` with
+    ``with_bias=True``); activations are normalised with ``e3nn.normalize_function``, and
+    ``gradient_normalization`` ``"path"`` scales in the forward pass, ``"element"`` in the
+    initialiser, as in e3nn-jax.
+
+    >>> import e3kernels, jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> mlp = e3kernels.nnx.MultiLayerPerceptron(4, (8, 1), jax.nn.silu, rngs=nnx.Rngs(0))
+    >>> mlp(jnp.ones((3, 4))).shape
+    (3, 1)
+    """
+
+    def __init__(
+        self,
+        irreps_in: int | Any,
+        list_neurons: Sequence[int],
+        act: Callable | None = None,
+        *,
+        gradient_normalization: str | float | None = None,
+        output_activation: Callable | bool = True,
+        with_bias: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        backend: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        name = "MultiLayerPerceptron"
+        if isinstance(irreps_in, int) and not isinstance(irreps_in, bool):
+            num_in = irreps_in
+        else:
+            irreps = e3nn.Irreps(irreps_in)
+            if not irreps.is_scalar():
+                raise ValueError(f"{name}: irreps_in must be scalars (0e); got {irreps}")
+            num_in = irreps.dim
+        list_neurons = tuple(list_neurons)
+        positive = lambda h: isinstance(h, int) and not isinstance(h, bool) and h > 0
+        if num_in < 1 or not all(positive(h) for h in list_neurons):
+            raise ValueError(
+                f"{name}: irreps_in and list_neurons must be positive sizes; got {irreps_in!r} and "
+                f"{list(list_neurons)!r}"
+            )
+        if not (output_activation is True or output_activation is False or callable(output_activation)):
+            raise TypeError(
+                f"{name}: output_activation must be a bool or a callable; got {output_activation!r}"
+            )
+        self.act = act
+        self.output_activation = output_activation
+        self.gradient_normalization = parse_gradient_normalization(gradient_normalization)
+        self.backend = _checked_backend(backend)
+        layers = []
+        for h in list_neurons:
+            std = np.sqrt(1 / num_in) ** (1.0 - self.gradient_normalization)
+            layers.append(
+                nnx.Linear(
+                    num_in, h, use_bias=with_bias, kernel_init=nnx.initializers.normal(std),
+                    bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                )
+            )
+            num_in = h
+        self.layers = nnx.List(layers)
+
+    def __call__(self, x):
+        """``x`` of shape ``(..., irreps_in)``, a raw array or an ``IrrepsArray`` of scalars
+        (then the output is one too)."""
+        is_irreps_array = isinstance(x, e3nn.IrrepsArray)
+        if is_irreps_array:
+            if not x.irreps.is_scalar():
+                raise ValueError(f"MultiLayerPerceptron: x must be scalars (0e); got irreps {x.irreps}")
+            x = x.array
+        output_activation = self.act if self.output_activation is True else self.output_activation
+        act = None if self.act is None else e3nn.normalize_function(self.act)
+        last_act = None if output_activation in (None, False) else e3nn.normalize_function(output_activation)
+        for k, layer in enumerate(self.layers):
+            x = np.sqrt(1 / layer.in_features) ** self.gradient_normalization * layer(x)
+            activation = act if k < len(self.layers) - 1 else last_act
+            if activation is not None:
+                x = activation(x)
+        return e3nn.IrrepsArray(f"{x.shape[-1]}x0e", x) if is_irreps_array else x
+
+
+class BatchNorm(nnx.Module):
+    """Equivariant batch normalisation for NNX, with the numbers of e3nn-jax's module.
+
+    Running statistics are ``nnx.BatchStat`` ``mean`` (one per scalar irrep) and ``var``
+    (one per irrep); affine parameters are ``nnx.Param`` ``weights`` and ``biases``, as in
+    ``e3nn_jax.flax.BatchNorm``. ``model.eval()`` / ``model.train()`` switch
+    ``use_running_average``, as for ``nnx.BatchNorm``.
+
+    >>> import e3kernels, e3nn_jax as e3nn, jax
+    >>> from flax import nnx
+    >>> bn = e3kernels.nnx.BatchNorm("2x0e + 1o", rngs=nnx.Rngs(0))
+    >>> y = bn(e3nn.normal("2x0e + 1o", jax.random.PRNGKey(0), (16,)))
+    >>> bn.var[...].shape
+    (3,)
+    """
+
+    def __init__(
+        self,
+        irreps: Any,
+        *,
+        use_running_average: bool = False,
+        eps: float = 1e-4,
+        momentum: float = 0.1,
+        affine: bool = True,
+        reduce: str = "mean",
+        instance: bool = False,
+        normalization: str | None = None,
+        param_dtype: Any = jnp.float32,
+        backend: str | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        name = "BatchNorm"
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"{name}: reduce must be 'mean' or 'max'; got {reduce!r}")
+        if normalization not in (None, "norm", "component"):
+            raise ValueError(
+                f"{name}: normalization must be 'norm', 'component' or None; got {normalization!r}"
+            )
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"{name}: eps must lie in [0, 1]; got {eps!r}")
+        if use_running_average and instance:
+            raise ValueError(
+                f"{name}: instance=True has no running averages; use_running_average must be False"
+            )
+        self.irreps = e3nn.Irreps(irreps)
+        self.use_running_average = use_running_average
+        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.reduce, self.instance, self.normalization = reduce, instance, normalization
+        self.backend = _checked_backend(backend)
+        num_scalars = self.irreps.filter(keep="0e").num_irreps
+        num_irreps = self.irreps.num_irreps
+        if not instance:
+            self.mean = nnx.BatchStat(jnp.zeros((num_scalars,), param_dtype))
+            self.var = nnx.BatchStat(jnp.ones((num_irreps,), param_dtype))
+        if affine:
+            self.weights = nnx.Param(jnp.ones((num_irreps,), param_dtype))
+            self.biases = nnx.Param(jnp.zeros((num_scalars,), param_dtype))
+
+    def __call__(self, input, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        """Normalise ``input`` (an ``IrrepsArray`` or a raw array of ``irreps``); in training
+        mode, update the running statistics (e3nn's linen module also updates them with
+        ``use_running_average=True`` when ``batch_stats`` is mutable; this one does not)."""
+        name = "BatchNorm"
+        input = _irreps_array(name, input, self.irreps)
+        if input.irreps.regroup() != self.irreps.regroup() and input.irreps != self.irreps:
+            raise ValueError(
+                f"{name}: input has irreps {input.irreps}; the module was built for {self.irreps}"
+            )
+        if mask is not None and mask.shape != (input.shape[0],):
+            raise ValueError(f"{name}: mask must have shape (batch,) = {(input.shape[0],)}; got {mask.shape}")
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        if use_running_average and self.instance:
+            raise ValueError(
+                f"{name}: instance=True has no running averages; use_running_average must be False"
+            )
+        dtype = input.dtype
+        stats = (None, None) if self.instance else (self.mean[...].astype(dtype), self.var[...].astype(dtype))
+        affine = (None, None)
+        if self.affine:
+            affine = (self.weights[...].astype(dtype), self.biases[...].astype(dtype))
+        output, new_mean, new_var = batch_norm(
+            input, *stats, *affine, self.normalization or e3nn.config("irrep_normalization"),
+            self.reduce, self.instance, use_running_average, self.affine, self.momentum, self.eps, mask,
+        )
+        if not self.instance and not use_running_average:  # as nnx.BatchNorm, and Haiku's
+            self.mean[...] = new_mean.astype(self.mean.dtype)
+            self.var[...] = new_var.astype(self.var.dtype)
+        return output
+
+
+class Dropout(nnx.Module):
+    """Equivariant dropout for NNX: each irrep (all its components at once) is kept with
+    probability ``1 - p`` and scaled by ``1 / (1 - p)``; one mask per irrep, broadcast over
+    the leading axes, as ``e3nn_jax.haiku.Dropout``. No parameters.
+
+    As ``nnx.Dropout``: ``deterministic`` (constructor, call, or ``model.eval()``) turns it
+    off, and the mask's key comes from ``rngs`` (constructor or call).
+
+    >>> import e3kernels, e3nn_jax as e3nn, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> dropout = e3kernels.nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+    >>> y = dropout(e3nn.IrrepsArray("8x1o", jnp.ones((2, 24))))
+    >>> sorted(set(y.array.ravel().tolist())) in ([0.0, 2.0], [2.0], [0.0])
+    True
+    """
+
+    def __init__(
+        self,
+        p: float,
+        *,
+        irreps: Any = None,
+        deterministic: bool = False,
+        rng_collection: str = "dropout",
+        backend: str | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+    ):
+        self.p = _layers.checked_probability("Dropout", p)
+        self.irreps = None if irreps is None else e3nn.Irreps(irreps)
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        self.backend = _checked_backend(backend)
+        if isinstance(rngs, nnx.Rngs):
+            self.rngs = rngs[rng_collection].fork()
+        elif isinstance(rngs, nnx.RngStream):
+            self.rngs = rngs.fork()
+        elif rngs is None:
+            self.rngs = nnx.data(None)
+        else:
+            raise TypeError(
+                f"Dropout: rngs must be nnx.Rngs, an nnx.RngStream or None; got {type(rngs).__name__}"
+            )
+
+    def __call__(self, x, *, deterministic: bool | None = None, rngs=None):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic:
+            return x
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            key = rngs[self.rng_collection]()
+        elif isinstance(rngs, nnx.RngStream):
+            key = rngs()
+        elif isinstance(rngs, jax.Array):
+            key = rngs
+        else:
+            raise ValueError(
+                "Dropout: deterministic is False but no rngs were given, to the constructor or "
+                f"the call; got {rngs!r}"
+            )
+        return _layers.dropout("Dropout", key, x, self.p, self.irreps)
+
+
+class SymmetricTensorProduct(nnx.Module):
+    r"""Symmetric tensor product contraction with parameters, as in MACE, for NNX: the
+    numbers of ``e3kernels.haiku.SymmetricTensorProduct`` (and of e3nn-jax's Haiku module).
+
+    Per channel: ``Linear(irreps_out)(concatenate([x, sym(x (x) x), ...]))`` over the
+    ``orders``. Parameters ``self.weights["w{order}_{irrep}"]`` of shape
+    ``(mul, num_channels)``, or ``(num_indexed_weights, mul, num_channels)`` for the
+    ``(i, x)`` call form (``i``: species ids, any order), initialised from a unit normal.
+
+    >>> import e3kernels, e3nn_jax as e3nn, jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> stp = e3kernels.nnx.SymmetricTensorProduct(
+    ...     (1, 2, 3), "0e + 1o", irreps_in="0e + 1o + 2e", num_channels=8, num_indexed_weights=3,
+    ...     rngs=nnx.Rngs(0))
+    >>> stp.weights["w3_0e"].shape
+    (3, 5, 8)
+    >>> x = e3nn.normal("0e + 1o + 2e", jax.random.PRNGKey(0), (10, 8))  # 10 atoms, 8 channels
+    >>> stp(jnp.arange(10) % 3, x).irreps
+    1x0e+1x1o
+    """
+
+    def __init__(
+        self,
+        orders: Sequence[int],
+        keep_irrep_out: Any = None,
+        *,
+        irreps_in: Any,
+        num_channels: int,
+        num_indexed_weights: int | None = None,
+        param_init: Callable[..., jax.Array] = _UNIT_NORMAL,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        backend: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        name = _layers.MODULE_STP
+        self.orders = _layers.checked_orders(orders)
+        self.keep_irrep_out = _layers.checked_keep_irrep_out(keep_irrep_out)
+        _layers.check_num_indexed_weights(name, num_indexed_weights)
+        if not isinstance(num_channels, int) or isinstance(num_channels, bool) or num_channels < 1:
+            raise ValueError(f"{name}: num_channels must be a positive int; got {num_channels!r}")
+        self.irreps_in = e3nn.Irreps(irreps_in)
+        self.num_channels = num_channels
+        self.num_indexed_weights = num_indexed_weights
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.backend = _checked_backend(backend)
+        plan = symmetric_plan(self.irreps_in, self.orders, self.keep_irrep_out)
+        sets = () if num_indexed_weights is None else (num_indexed_weights,)
+        self.weights = nnx.Dict({
+            p.parameter_name: nnx.Param(param_init(rngs.params(), sets + (p.mul, num_channels), param_dtype))
+            for p in plan.paths
+        })
+
+    def __call__(self, indices_or_x, x_or_none=None) -> e3nn.IrrepsArray:
+        """``(x)`` or ``(i, x)`` with ``x`` of shape ``(..., num_channels, irreps_in.dim)``,
+        an ``IrrepsArray`` or a raw array of ``irreps_in``."""
+        name = _layers.MODULE_STP
+        indices, x = (None, indices_or_x) if x_or_none is None else (indices_or_x, x_or_none)
+        x = _irreps_array(name, x, self.irreps_in)
+        if x.irreps != self.irreps_in:
+            raise ValueError(
+                f"{name}: x has irreps {x.irreps}; the module was built for irreps_in={self.irreps_in}"
+            )
+        if x.ndim < 2 or x.shape[-2] != self.num_channels:
+            raise ValueError(
+                f"{name}: x must have shape (..., num_channels={self.num_channels}, {self.irreps_in.dim}); "
+                f"got {x.shape}"
+            )
+        x = x.astype(_compute_dtype(self.dtype, x.dtype, self.param_dtype))
+
+        def get_parameter(key, shape, dtype):
+            return self.weights[key][...].astype(dtype)
+
+        return _layers.symmetric_tensor_product(
+            self.orders, self.keep_irrep_out, self.num_indexed_weights, indices, x, get_parameter,
+            self.backend,
+        )
