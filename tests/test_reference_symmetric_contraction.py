@@ -144,9 +144,12 @@ def test_threshold_selects_the_path(monkeypatch):
         assert set(called) == {expected}
 
 
-def test_large_plan_uses_the_fallback():
-    """A plan over the unrolling threshold (orders up to 4 on ``0e + 1o + 2e + 3o``)."""
-    plan = plan_of("0e + 1o + 2e + 3o", (1, 2, 3, 4), "0e + 1o")
+def test_large_plan_uses_the_fallback(monkeypatch):
+    """A plan over the unrolling threshold, lowered to 50 terms so that a small plan (orders
+    up to 4 on ``0e + 1o + 2e``, 333 terms) crosses it: a plan over the real threshold costs
+    e3nn half a minute to build."""
+    monkeypatch.setattr(ref, "MAX_UNROLLED_TERMS", 50)
+    plan = plan_of("0e + 1o + 2e", (1, 2, 3, 4), "0e + 1o")
     assert len(symmetric_terms(plan).polynomial.terms) > ref.MAX_UNROLLED_TERMS
     x, weights, indices = inputs(plan, n=3, c=2, num=2)
     x = x / 2  # keep the order-4 products O(1)
