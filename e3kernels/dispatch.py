@@ -51,9 +51,11 @@ This module is the one place that uses JAX's primitive-level (private) API.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -386,10 +388,78 @@ def _lowering(platform: str):
         # The implementations are per-device code without collectives: traced on plain
         # types, they need no shard_map varying-axes annotations of their own.
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in])
-        with config._check_vma(False):
-            return mlir.lower_fun(lambda *a: tuple(implementation(*a)), multiple_results=True)(ctx, *args)
+        lowering = mlir.lower_fun(lambda *a: tuple(implementation(*a)), multiple_results=True)
+        with config._check_vma(False), _lowering_gpu(platform, target.name):
+            return lowering(ctx, *args)
 
     return lower
+
+
+# ---- the GPU a CUDA lowering is for, on a host without one ---------------------------------
+#
+# From JAX 0.11 on, Pallas lowers a Triton kernel for a known GPU: the attached one, or the
+# abstract device of the current abstract mesh. JAX's advice for a host without a GPU,
+# `jax.sharding.use_abstract_mesh` around the lowering, is refused for programs with
+# e3kernels ops (their lowering needs the concrete devices, for the multi-device rule), so
+# e3kernels applies the abstract device around its own lowering only: `gpu_target`.
+
+_gpu_target: contextvars.ContextVar[str | None] = contextvars.ContextVar("e3kernels_gpu_target", default=None)
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+@contextlib.contextmanager
+def gpu_target(device_kind: str) -> Iterator[None]:
+    """Lower CUDA kernels for ``device_kind`` (``"NVIDIA H100"``, ``"NVIDIA A100"``: a name
+    JAX's Pallas knows) when the host has no GPU: exporting for ``("cuda", "tpu", "cpu")``
+    from a laptop, or checking a CUDA lowering on a CPU-only machine. JAX >= 0.11 needs it
+    there; with a GPU attached, or JAX 0.10, the GPU lowered for is the attached one, or
+    none, and this has no effect.
+
+    >>> import e3kernels
+    >>> with e3kernels.gpu_target("NVIDIA H100"):
+    ...     pass  # jax.jit(f).trace(...).lower(lowering_platforms=("cuda",)), jax.export(...)
+    """
+    if not isinstance(device_kind, str) or not device_kind.startswith(("NVIDIA", "Tesla")):
+        raise ValueError(
+            f"gpu_target: expected an NVIDIA device kind such as 'NVIDIA H100'; got {device_kind!r}"
+        )
+    token = _gpu_target.set(device_kind)
+    try:
+        yield
+    finally:
+        _gpu_target.reset(token)
+
+
+def abstract_gpu_mesh(device_kind: str) -> jax.sharding.AbstractMesh:
+    """A one-device abstract mesh of the GPU ``device_kind``, which Pallas lowers Triton for."""
+    device = jax.sharding.AbstractDevice(device_kind, None, "gpu")
+    return jax.sharding.AbstractMesh((1,), ("e3kernels_gpu",), abstract_device=device)
+
+
+@contextlib.contextmanager
+def _lowering_gpu(platform: str, op: str) -> Iterator[None]:
+    if platform != "cuda":
+        yield
+        return
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    attached = abstract is not None and abstract.platform in _GPU_PLATFORMS
+    attached = attached or jax.devices()[0].platform in _GPU_PLATFORMS
+    kind = _gpu_target.get()
+    context = contextlib.nullcontext()
+    if not attached and kind is not None:
+        context = jax.sharding.use_abstract_mesh(abstract_gpu_mesh(kind))
+    try:
+        with context:
+            yield
+    except RuntimeError as error:
+        if "No supported GPU devices found" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{op}: lowering its Triton kernels for CUDA needs the GPU they are for, and this "
+            "host has none (JAX >= 0.11 lowers Triton for a known GPU). Lower inside "
+            "`with e3kernels.gpu_target('NVIDIA H100'):` (or the GPU you will run on), or lower "
+            "the reference for CUDA (backend='reference')."
+        ) from error
 
 
 # ---- sharded jit: every device computes its own rows --------------------------------------

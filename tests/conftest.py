@@ -86,6 +86,28 @@ def compare_transforms(ours, theirs, *args, rng=None, states=False):
     return p_ours
 
 
+@pytest.fixture(autouse=True)
+def lowering_gpu_target():
+    """Tests lower for CUDA on hosts without a GPU: name one, as users must on JAX >= 0.11
+    (``e3kernels.gpu_target``; test_backend.py checks the error without it)."""
+    import e3kernels
+
+    with e3kernels.gpu_target("NVIDIA H100"):
+        yield
+
+
+def lowered_text(fn, platform, *args) -> str:
+    """``fn`` lowered for ``platform`` as text. Kernels lowered directly (not through an op)
+    for CUDA on a host without a GPU get an abstract one, as JAX >= 0.11 needs."""
+    from e3kernels import dispatch
+
+    lower = lambda: jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    if platform != "cuda" or jax.devices()[0].platform == "gpu":
+        return lower()
+    with jax.sharding.use_abstract_mesh(dispatch.abstract_gpu_mesh("NVIDIA H100")):
+        return lower()
+
+
 @pytest.fixture(params=["reference", "pallas"])
 def backend(request):
     """The backends the parity tests of kernel-backed calls run on ("pallas": the kernels in

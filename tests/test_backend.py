@@ -167,3 +167,30 @@ def test_pallas_refuses_per_platform_when_lowered_there():
     g = lambda x: backend.select("op", "auto", reference, lambda: kernels, SCALAR)(x)
     text = jax.jit(g).trace(jnp.float32(1)).lower(lowering_platforms=("tpu",)).as_text()
     assert "1.000000e+00" in text  # auto: the reference where no kernel handles the call
+
+
+def test_cuda_lowering_without_a_gpu_asks_for_gpu_target():
+    """JAX >= 0.11 lowers Triton kernels for a known GPU: on a host without one, and without
+    ``e3kernels.gpu_target``, the error says what to do; JAX 0.10 lowers without one."""
+    from e3kernels import dispatch, ops
+
+    plan = ops.linear_plan("2x0e + 1o", "1x0e + 1o")
+    x, i = jnp.ones((4, plan.dim_in)), jnp.arange(4) % 2
+    w = [jnp.ones(s) for s in plan.weight_shapes(2)]
+    f = jax.jit(lambda x, w, i: ops.indexed_linear(x, w, i, plan, backend="pallas"))
+    lower = lambda: f.trace(x, w, i).lower(lowering_platforms=("cuda",)).as_text()
+    token = dispatch._gpu_target.set(None)  # undo the autouse fixture's target
+    try:
+        if jax.__version_info__ >= (0, 11):
+            expected = r"indexed_linear: .*e3kernels.gpu_target\('NVIDIA H100'\)"
+            with pytest.raises(RuntimeError, match=expected):
+                lower()
+        else:
+            assert "triton" in lower()
+    finally:
+        dispatch._gpu_target.reset(token)
+    with e3kernels.gpu_target("NVIDIA A100"):
+        assert "triton" in lower()
+    with pytest.raises(ValueError, match=r"gpu_target: expected an NVIDIA device kind"):
+        with e3kernels.gpu_target("sm_90"):
+            pass

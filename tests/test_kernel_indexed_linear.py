@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_results_close, assert_trees_close
+from conftest import assert_results_close, assert_trees_close, lowered_text
 
 from e3kernels import spec
 from e3kernels._e3nn_private import FunctionalLinear
@@ -219,10 +219,6 @@ def test_tile_schedule_covers_every_row_once(tile_rows):
 LOWERING_MARKERS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
-def lowered_text(fn, case_shapes, platform):
-    return jax.jit(fn).trace(*case_shapes).lower(lowering_platforms=(platform,)).as_text()
-
-
 def shapes(irreps, num_sets, num_rows, dtype=jnp.float32):
     lin = FunctionalLinear(e3nn.Irreps(irreps), e3nn.Irreps(irreps), biases=True)
     plan = LinearPlan.from_functional_linear(lin)
@@ -241,7 +237,7 @@ def test_lowers_forward_and_vjp(platform, size):
         out, vjp = jax.vjp(lambda *a: impl(*a, indices), x, weights, biases)
         return out, vjp(out)
 
-    text = lowered_text(forward_and_vjp, args, platform)
+    text = lowered_text(forward_and_vjp, platform, *args)
     assert LOWERING_MARKERS[platform] in text
 
 
@@ -255,7 +251,7 @@ def test_lowers_second_order_bfloat16(platform):
         force_like = lambda x, w: jnp.sum(jax.grad(loss)(x, w).astype(jnp.float32) ** 2)
         return jax.grad(force_like, argnums=(0, 1))(x, weights)
 
-    assert LOWERING_MARKERS[platform] in lowered_text(second, args, platform)
+    assert LOWERING_MARKERS[platform] in lowered_text(second, platform, *args)
 
 
 def test_tpu_kernels_compute_high_precision_as_three_bfloat16_passes():
@@ -279,4 +275,4 @@ def test_tpu_kernels_compute_high_precision_as_three_bfloat16_passes():
     plan, args = shapes("8x0e + 8x1o", 2, 24)
     impl = kernels.implementations(plan, jax.lax.Precision.HIGH, jnp.float32)["tpu"]
     grads = lambda x, w, b, i: jax.grad(lambda x, w: jnp.sum(impl(x, w, b, i)), argnums=(0, 1))(x, w)
-    assert LOWERING_MARKERS["tpu"] in lowered_text(grads, args, "tpu")
+    assert LOWERING_MARKERS["tpu"] in lowered_text(grads, "tpu", *args)

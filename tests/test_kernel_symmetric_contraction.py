@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lowered_text
 from test_symmetric_tensor_product import e3nn_indexed
 
 from e3kernels import backend, ops, spec
@@ -270,10 +271,6 @@ def test_terms_are_the_symmetrised_basis():
 # ---- lowering for real hardware ------------------------------------------------------------
 
 PLATFORMS = [("cuda", kernels.TRITON, "__gpu$xla.gpu.triton"), ("tpu", kernels.MOSAIC, "tpu_custom_call")]
-
-
-def lowered_text(f, platform, *args) -> str:
-    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("platform, style, marker", PLATFORMS)
