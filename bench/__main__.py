@@ -1,9 +1,9 @@
-"""``python -m bench``: compare e3kernels with e3nn-jax (and cuequivariance-jax) side by side.
+"""python -m bench: compare e3kernels with e3nn-jax (and cuequivariance-jax) side by side.
 
 Every candidate is jitted and compiled first (its compiled temporary memory is recorded),
 then all candidates of a workload are timed interleaved, in a new random order each
 round; the table shows medians and speed-ups against e3nn-jax measured in the same run.
-Results go to ``bench/results/`` as JSON and a PNG chart.
+Results go to bench/results/ as JSON and a PNG chart.
 
     python -m bench                 # default sizes (a few minutes on a 2-core CPU)
     python -m bench --quick         # small sizes, fewer rounds
@@ -32,7 +32,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=summary.partition(": ")[2], epilog=details,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and 3 rounds")
     parser.add_argument(
         "--workloads",
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
     ]}
     json_path = args.out / f"bench-{stamp}.json"
     json_path.write_text(json.dumps(payload, indent=1))
-    png_path = report.chart(results, args.out / f"bench-{stamp}.png", machine)
+    png_path = report.chart(results, args.out / f"bench-{stamp}.png", machine, quick=args.quick)
     progress(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no matplotlib: no chart)"))
     return 0
 

@@ -69,9 +69,10 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-def chart(results, path: Path, machine: dict) -> Path | None:
-    """Per workload: speed-ups vs e3nn-jax (log scale, top) and trace + compile seconds
-    (bottom), both modes, each bar labelled with its value."""
+def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | None:
+    """Per workload: speed-ups vs e3nn-jax (log scale, top; each bar labelled with the
+    ratio and the median time) and trace + compile seconds (bottom), both modes. The title
+    names the machine and marks a ``--quick`` run."""
     try:
         import matplotlib
 
@@ -90,20 +91,25 @@ def chart(results, path: Path, machine: dict) -> Path | None:
             speed = [ratios[n][mode] or 0.0 for n in names]
             compile_s = [(by_name[n].get(mode) and by_name[n][mode].compile_seconds) or 0.0 for n in names]
             bars = top.bar(xs, speed, width=0.4, label=mode)
-            top.bar_label(bars, labels=[f"{v:.1f}x" if v else "" for v in speed], fontsize=7)
+            medians = [by_name[n].get(mode) for n in names]
+            labels = [f"{v:.1f}x\n{_ms(m)} ms" if v else "" for v, m in zip(speed, medians)]
+            top.bar_label(bars, labels=labels, fontsize=6)
             bars = bottom.bar(xs, compile_s, width=0.4, label=mode)
             bottom.bar_label(bars, labels=[f"{v:.1f}" if v else "" for v in compile_s], fontsize=7)
         for ax in (top, bottom):
             ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
             ax.legend(fontsize=8)
         top.set_yscale("log")
+        top.set_ylim(top=top.get_ylim()[1] * 4)  # room for the labels above the tallest bar
         top.axhline(1.0, color="gray", linewidth=0.8)
         top.set_title(f"{result['workload']} (N={result['rows']})", fontsize=9)
-        top.set_ylabel("speed-up vs e3nn-jax (median)")
+        top.set_ylabel(f"speed-up vs {result.get('baseline', BASELINE)} (median)")
         bottom.set_ylabel("trace + compile, s")
-    device = machine["device"].split(": ")[-1]
-    fig.suptitle(f"e3kernels bench, {device} ({machine['cpus']} CPUs, {machine['processor']}), "
-                 f"jax {machine['jax']}, {machine['date']}", fontsize=10)
+    platform, kind = machine["device"].split(": ", 1)
+    device = f"{machine['cpus']}-core CPU ({machine['processor']})" if platform == "cpu" else kind
+    size = "QUICK RUN (small sizes, 3 rounds)" if quick else "default sizes"
+    fig.suptitle(f"e3kernels bench: {device}\njax {machine['jax']}, {machine['date']}, {size}",
+                 fontsize=10, color="firebrick" if quick else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
