@@ -300,6 +300,32 @@ def symmetric_tensor_product(
     return e3nn.IrrepsArray(plan.irreps_out, out.reshape(leading + (channels, plan.dim_out)))
 
 
+# ---- MultiLayerPerceptron and BatchNorm: options only (their code is e3nn-jax's) ----------
+
+
+def check_mlp_options(list_neurons, output_activation) -> None:
+    module = "MultiLayerPerceptron"
+    neurons = list(list_neurons)
+    if not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in neurons):
+        raise ValueError(f"{module}: list_neurons must be positive ints; got {neurons!r}")
+    if not (output_activation is True or output_activation is False or callable(output_activation)):
+        raise TypeError(
+            f"{module}: output_activation must be a bool or a callable; got {output_activation!r}"
+        )
+
+
+def check_batch_norm_options(reduce, normalization, eps) -> None:
+    module = "BatchNorm"
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"{module}: reduce must be 'mean' or 'max'; got {reduce!r}")
+    if normalization not in (None, "norm", "component"):
+        raise ValueError(
+            f"{module}: normalization must be 'norm', 'component' or None; got {normalization!r}"
+        )
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"{module}: eps must lie in [0, 1]; got {eps!r}")
+
+
 # ---- Dropout -----------------------------------------------------------------------------
 
 

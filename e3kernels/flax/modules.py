@@ -79,17 +79,7 @@ class MultiLayerPerceptron(e3nn_flax.MultiLayerPerceptron):
     backend: str | None = None
 
     def __post_init__(self):
-        neurons = self.list_neurons
-        if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in neurons):
-            raise ValueError(
-                f"MultiLayerPerceptron: list_neurons must be positive ints; got {list(neurons)!r}"
-            )
-        output_activation = self.output_activation
-        if not (output_activation is True or output_activation is False or callable(output_activation)):
-            raise TypeError(
-                "MultiLayerPerceptron: output_activation must be a bool or a callable; "
-                f"got {output_activation!r}"
-            )
+        _layers.check_mlp_options(self.list_neurons, self.output_activation)
         _checked_backend(self.backend)
         super().__post_init__()
 
@@ -110,14 +100,7 @@ class BatchNorm(e3nn_flax.BatchNorm):
     backend: str | None = None
 
     def __post_init__(self):
-        if self.reduce not in ("mean", "max"):
-            raise ValueError(f"BatchNorm: reduce must be 'mean' or 'max'; got {self.reduce!r}")
-        if self.normalization not in (None, "norm", "component"):
-            raise ValueError(
-                f"BatchNorm: normalization must be 'norm', 'component' or None; got {self.normalization!r}"
-            )
-        if not 0.0 <= self.eps <= 1.0:
-            raise ValueError(f"BatchNorm: eps must lie in [0, 1]; got {self.eps!r}")
+        _layers.check_batch_norm_options(self.reduce, self.normalization, self.eps)
         _checked_backend(self.backend)
         super().__post_init__()
 

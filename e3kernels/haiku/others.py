@@ -8,7 +8,6 @@ code here) and clear errors for bad arguments.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 
 import e3nn_jax as e3nn
@@ -45,16 +44,7 @@ class MultiLayerPerceptron(e3nn_haiku.MultiLayerPerceptron):
         name: str | None = None,
         backend: str | None = None,
     ):
-        if not all(isinstance(h, numbers.Integral) and h > 0 for h in list_neurons):
-            raise ValueError(
-                "MultiLayerPerceptron: list_neurons must be positive ints; "
-                f"got {list(list_neurons)!r}"
-            )
-        if not (output_activation is True or output_activation is False or callable(output_activation)):
-            raise TypeError(
-                "MultiLayerPerceptron: output_activation must be a bool or a callable; "
-                f"got {output_activation!r}"
-            )
+        _layers.check_mlp_options(list_neurons, output_activation)
         self.backend = None if backend is None else _backend.validate_backend(backend)
         super().__init__(
             list_neurons,
@@ -93,14 +83,7 @@ class BatchNorm(e3nn_haiku.BatchNorm):
         normalization: str | None = None,
         backend: str | None = None,
     ):
-        if reduce not in ("mean", "max"):
-            raise ValueError(f"BatchNorm: reduce must be 'mean' or 'max'; got {reduce!r}")
-        if normalization not in (None, "norm", "component"):
-            raise ValueError(
-                f"BatchNorm: normalization must be 'norm', 'component' or None; got {normalization!r}"
-            )
-        if not 0.0 <= eps <= 1.0:
-            raise ValueError(f"BatchNorm: eps must lie in [0, 1]; got {eps!r}")
+        _layers.check_batch_norm_options(reduce, normalization, eps)
         self.backend = None if backend is None else _backend.validate_backend(backend)
         super().__init__(
             irreps=irreps,

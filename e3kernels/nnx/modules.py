@@ -255,16 +255,9 @@ class MultiLayerPerceptron(nnx.Module):
                 raise ValueError(f"{name}: irreps_in must be scalars (0e); got {irreps}")
             num_in = irreps.dim
         list_neurons = tuple(list_neurons)
-        positive = lambda h: isinstance(h, int) and not isinstance(h, bool) and h > 0
-        if num_in < 1 or not all(positive(h) for h in list_neurons):
-            raise ValueError(
-                f"{name}: irreps_in and list_neurons must be positive sizes; got {irreps_in!r} and "
-                f"{list(list_neurons)!r}"
-            )
-        if not (output_activation is True or output_activation is False or callable(output_activation)):
-            raise TypeError(
-                f"{name}: output_activation must be a bool or a callable; got {output_activation!r}"
-            )
+        _layers.check_mlp_options(list_neurons, output_activation)
+        if num_in < 1:
+            raise ValueError(f"{name}: irreps_in must be a positive size or scalar irreps; got {irreps_in!r}")
         self.act = act
         self.output_activation = output_activation
         self.gradient_normalization = parse_gradient_normalization(gradient_normalization)
@@ -332,14 +325,7 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         name = "BatchNorm"
-        if reduce not in ("mean", "max"):
-            raise ValueError(f"{name}: reduce must be 'mean' or 'max'; got {reduce!r}")
-        if normalization not in (None, "norm", "component"):
-            raise ValueError(
-                f"{name}: normalization must be 'norm', 'component' or None; got {normalization!r}"
-            )
-        if not 0.0 <= eps <= 1.0:
-            raise ValueError(f"{name}: eps must lie in [0, 1]; got {eps!r}")
+        _layers.check_batch_norm_options(reduce, normalization, eps)
         if use_running_average and instance:
             raise ValueError(
                 f"{name}: instance=True has no running averages; use_running_average must be False"
