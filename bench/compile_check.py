@@ -200,6 +200,9 @@ def _gpu_kernels(target: str, entry: str, dump: Path, ptxas: str) -> list[Kernel
             ptx = candidates.pop(0)
             kernel.tensor_core_instructions = len(re.findall(r"\b(?:w?gmma|mma)\.", ptx.read_text()))
             _ptxas(kernel, ptx, ptxas)
+        else:  # never a silent pass: without the PTX, registers and spills are unknown
+            kernel.error = ("no PTX for this kernel in XLA's dump (XLA from JAX 0.11 on does not "
+                            "write Triton's PTX there): registers and spills unchecked")
         kernels.append(kernel)
     return kernels or [Kernel(target, entry, "-", error="no kernel in the dump")]
 
