@@ -73,8 +73,7 @@ def _leaves(model: nnx.Module, names: Mapping[str, str] | None) -> Iterator[_Lea
         nnx_path = "/".join(str(p) for p in path)
         default = nnx_path or _HAIKU_DEFAULT_NAMES[type(module)]
         haiku_name = names.get(nnx_path, default)
-        linen_path = tuple(p for p in names.get(nnx_path, nnx_path).split("/") if p) if (
-            nnx_path or nnx_path in names) else ()
+        linen_path = tuple(p for p in names.get(nnx_path, nnx_path).split("/") if p)
         here = f"{nnx_path or '(model)'}"
         if isinstance(module, modules.Linear | modules.SymmetricTensorProduct):
             for key, variable in module.weights.items():
