@@ -386,3 +386,12 @@ def test_conversion_reports_missing_and_left_over_leaves():
     bad = jax.tree.map(lambda a: jnp.zeros((2,) + a.shape[1:]), params)
     with pytest.raises(ValueError, match=r"has shape \(2, 1\); the model's .*weights\['w\[0,0\] "):
         e3kernels.nnx.load_haiku(model, bad)
+
+
+def test_linear_parameter_initializer():
+    init = lambda: nnx.initializers.constant(0.5)
+    model = e3kernels.nnx.Linear("2x0e + 1o", "0e + 1o", weights_dim=3, parameter_initializer=init,
+                                 rngs=nnx.Rngs(0))
+    assert {k: v.shape for k, v in model.weights.items()} == {
+        "w[0,0] 2x0e,1x0e": (3, 2, 1), "w[1,1] 1x1o,1x1o": (3, 1, 1)}
+    assert all(bool(jnp.all(v[...] == 0.5)) for v in model.weights.values())
