@@ -59,6 +59,12 @@ def validate_backend(name: Any, argument: str = "backend") -> str:
     return name
 
 
+def validate_optional_backend(name: Any) -> str | None:
+    """A module's ``backend=``: ``None`` (the setting in force when it is called) or a
+    backend name, checked as :func:`validate_backend` does."""
+    return None if name is None else validate_backend(name)
+
+
 def _from_environment() -> str | None:
     value = os.environ.get(ENV_VAR)
     if value is None or value == "":

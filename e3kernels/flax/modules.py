@@ -14,10 +14,6 @@ from e3kernels import _layers
 from e3kernels import backend as _backend
 
 
-def _checked_backend(backend: str | None) -> str | None:
-    return None if backend is None else _backend.validate_backend(backend)
-
-
 class Linear(e3nn_flax.Linear):
     r"""Equivariant linear layer: ``e3nn_jax.flax.Linear`` with the indexed form on a kernel.
 
@@ -40,7 +36,7 @@ class Linear(e3nn_flax.Linear):
 
     def __post_init__(self):
         _layers.check_num_indexed_weights("Linear", self.num_indexed_weights)
-        _checked_backend(self.backend)
+        _backend.validate_optional_backend(self.backend)
         super().__post_init__()
 
     @nn.compact
@@ -80,7 +76,7 @@ class MultiLayerPerceptron(e3nn_flax.MultiLayerPerceptron):
 
     def __post_init__(self):
         _layers.check_mlp_options(self.list_neurons, self.output_activation)
-        _checked_backend(self.backend)
+        _backend.validate_optional_backend(self.backend)
         super().__post_init__()
 
 
@@ -101,7 +97,7 @@ class BatchNorm(e3nn_flax.BatchNorm):
 
     def __post_init__(self):
         _layers.check_batch_norm_options(self.reduce, self.normalization, self.eps)
-        _checked_backend(self.backend)
+        _backend.validate_optional_backend(self.backend)
         super().__post_init__()
 
 
@@ -129,7 +125,7 @@ class Dropout(nn.Module):
 
     def __post_init__(self):
         _layers.checked_probability("Dropout", self.p)
-        _checked_backend(self.backend)
+        _backend.validate_optional_backend(self.backend)
         super().__post_init__()
 
     @nn.compact
@@ -173,7 +169,7 @@ class SymmetricTensorProduct(nn.Module):
         _layers.checked_orders(self.orders)
         _layers.checked_keep_irrep_out(self.keep_irrep_out)
         _layers.check_num_indexed_weights(_layers.MODULE_STP, self.num_indexed_weights)
-        _checked_backend(self.backend)
+        _backend.validate_optional_backend(self.backend)
         super().__post_init__()
 
     @nn.compact

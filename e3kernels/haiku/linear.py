@@ -117,7 +117,7 @@ class Linear(e3nn.haiku.Linear):
             simplify_irreps_internally=simplify_irreps_internally,
             name=name,
         )
-        self.backend = None if backend is None else _backend.validate_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
 
     def __call__(self, weights_or_input, input_or_none=None) -> e3nn.IrrepsArray:
         """Apply the layer: ``(x)``, ``(w, x)`` with float ``w``, or ``(i, x)`` with int ``i``.

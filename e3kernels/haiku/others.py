@@ -45,7 +45,7 @@ class MultiLayerPerceptron(e3nn_haiku.MultiLayerPerceptron):
         backend: str | None = None,
     ):
         _layers.check_mlp_options(list_neurons, output_activation)
-        self.backend = None if backend is None else _backend.validate_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         super().__init__(
             list_neurons,
             act,
@@ -84,7 +84,7 @@ class BatchNorm(e3nn_haiku.BatchNorm):
         backend: str | None = None,
     ):
         _layers.check_batch_norm_options(reduce, normalization, eps)
-        self.backend = None if backend is None else _backend.validate_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         super().__init__(
             irreps=irreps,
             eps=eps,
@@ -113,5 +113,5 @@ class Dropout(e3nn_haiku.Dropout):
 
     def __init__(self, p: float, *, irreps: e3nn.Irreps | None = None, backend: str | None = None):
         _layers.checked_probability("Dropout", p)
-        self.backend = None if backend is None else _backend.validate_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         super().__init__(p, irreps=irreps)

@@ -74,7 +74,7 @@ class SymmetricTensorProduct(hk.Module):
         self.keep_irrep_out = _layers.checked_keep_irrep_out(keep_irrep_out)
         _layers.check_num_indexed_weights(_layers.MODULE_STP, num_indexed_weights)
         self.num_indexed_weights = num_indexed_weights
-        self.backend = None if backend is None else _backend.validate_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         self.get_parameter = _default_get_parameter if get_parameter is None else get_parameter
 
     def __call__(self, indices_or_x, x_or_none=None) -> e3nn.IrrepsArray:
