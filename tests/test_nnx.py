@@ -174,8 +174,8 @@ class NnxBlock(nnx.Module):
         self.product = e3kernels.nnx.SymmetricTensorProduct(
             BLOCK_ORDERS, "0e + 1o", irreps_in="0e + 1o", num_channels=CHANNELS, num_indexed_weights=SPECIES,
             backend=backend, rngs=rngs)
-        self.norm = e3kernels.nnx.BatchNorm(e3nn.Irreps("0e + 1o") * CHANNELS)
-        self.readout = e3kernels.nnx.Linear(e3nn.Irreps("0e + 1o") * CHANNELS, "8x0e", rngs=rngs)
+        self.norm = e3kernels.nnx.BatchNorm(CHANNELS * e3nn.Irreps("0e + 1o"))  # 4x0e + 4x1o
+        self.readout = e3kernels.nnx.Linear(CHANNELS * e3nn.Irreps("0e + 1o"), "8x0e", rngs=rngs)
         self.mlp = e3kernels.nnx.MultiLayerPerceptron(8, (8, 1), jax.nn.silu, output_activation=False,
                                                       rngs=rngs)
 
@@ -395,3 +395,10 @@ def test_linear_parameter_initializer():
     assert {k: v.shape for k, v in model.weights.items()} == {
         "w[0,0] 2x0e,1x0e": (3, 2, 1), "w[1,1] 1x1o,1x1o": (3, 1, 1)}
     assert all(bool(jnp.all(v[...] == 0.5)) for v in model.weights.values())
+
+
+def test_batch_norm_refuses_irreps_in_another_order():
+    bn = e3kernels.nnx.BatchNorm("0e + 1o + 0e + 1o")  # its statistics follow this order
+    assert bn(normal("0e + 1o + 0e + 1o", 8)).irreps == e3nn.Irreps("0e + 1o + 0e + 1o")
+    with pytest.raises(ValueError, match=r"BatchNorm: input has irreps 2x0e\+2x1o; the module was built for"):
+        bn(normal("2x0e + 2x1o", 8))

@@ -19,10 +19,6 @@ from e3kernels.irreps import symmetric_plan
 _UNIT_NORMAL = nnx.initializers.normal(stddev=1.0)
 
 
-def _checked_backend(backend: str | None) -> str | None:
-    return None if backend is None else _backend.validate_backend(backend)
-
-
 def _compute_dtype(dtype, input_dtype, param_dtype):
     """NNX's rule: ``dtype`` if given, else the promotion of the input's and parameters'."""
     return jnp.dtype(dtype) if dtype is not None else jnp.result_type(input_dtype, param_dtype)
@@ -55,7 +51,8 @@ class Linear(nnx.Module):
       (``weights_per_channel=True`` also needs ``channel_in``).
 
     Parameters live in ``self.weights``, a dict of ``nnx.Param`` under e3nn-jax's names
-    (``"w[0,0] 2x0e,1x0e"``, ``"b[0] 1x0e"``), shapes and initial scales.
+    (``"w[0,0] 2x0e,1x0e"``, ``"b[0] 1x0e"``), shapes and initial scales; e3nn's options
+    are in ``self.options``.
 
     Args:
       irreps_in: input irreps (a raw array input is read as these).
@@ -121,21 +118,20 @@ class Linear(nnx.Module):
         if weights_per_channel and weights_dim is None:
             raise ValueError(f"{name}: weights_per_channel=True needs weights_dim (the (w, x) form)")
         self.irreps_in = e3nn.Irreps(irreps_in)
-        self.irreps_out = e3nn.Irreps(irreps_out)
-        self.channel_out = channel_out
         self.channel_in = channel_in
-        self.biases = biases
-        self.path_normalization = path_normalization
-        self.gradient_normalization = gradient_normalization
-        self.instructions = None if instructions is None else tuple(tuple(i) for i in instructions)
-        self.num_indexed_weights = num_indexed_weights
         self.weights_dim = weights_dim
-        self.weights_per_channel = weights_per_channel
-        self.force_irreps_out = force_irreps_out
-        self.simplify_irreps_internally = simplify_irreps_internally
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.backend = _checked_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
+        #: e3nn's Linear options, as the shared code reads them
+        self.options = _layers.LinearOptions(
+            e3nn.Irreps(irreps_out), channel_out,
+            # e3nn checks irreps_in after mixing the channels into the irreps
+            self.irreps_in if channel_out is None else channel_in * self.irreps_in,
+            biases, path_normalization, gradient_normalization,
+            None if instructions is None else tuple(tuple(i) for i in instructions),
+            num_indexed_weights, weights_per_channel, force_irreps_out, simplify_irreps_internally,
+        )
 
         # The parameters' names, shapes and scales: e3nn's own, read off one call on one row
         # (run, not traced: the mixed form's scales are computed with jax.numpy).
@@ -145,20 +141,13 @@ class Linear(nnx.Module):
             specs[name] = (shape, float(std))
             return jnp.zeros(shape, dtype)
 
-        self._options = _layers.LinearOptions(
-            self.irreps_out, channel_out,
-            # e3nn checks irreps_in after mixing the channels into the irreps
-            self.irreps_in if channel_out is None else channel_in * self.irreps_in,
-            biases, path_normalization, gradient_normalization, self.instructions, num_indexed_weights,
-            weights_per_channel, force_irreps_out, simplify_irreps_internally,
-        )
         leading = (1,) if channel_in is None else (1, channel_in)
         # not e3nn.zeros: its chunks are flagged zero, and the linear map would drop them
         x = e3nn.IrrepsArray(self.irreps_in, jnp.ones(leading + (self.irreps_in.dim,), param_dtype))
         weights = self._example_weights(param_dtype)
-        checked = _layers.check_linear_call(name, self._options, weights, x)
+        checked = _layers.check_linear_call(name, self.options, weights, x)
         with jax.ensure_compile_time_eval():
-            _layers.linear(name, self._options, *checked, record, "reference")
+            _layers.linear(name, self.options, *checked, record, "reference")
         params = {}
         for key, (shape, std) in specs.items():
             if parameter_initializer is None:
@@ -169,7 +158,7 @@ class Linear(nnx.Module):
         self.weights = nnx.Dict(params)
 
     def _example_weights(self, dtype):
-        if self.num_indexed_weights is not None:
+        if self.options.num_indexed_weights is not None:
             return jnp.zeros((1,), jnp.int32)
         if self.weights_dim is not None:
             return jnp.zeros((1, self.weights_dim), dtype)
@@ -184,20 +173,19 @@ class Linear(nnx.Module):
             weights, input = None, weights_or_input
         else:
             weights, input = weights_or_input, input_or_none
-        form = "(i, x)" if self.num_indexed_weights is not None else "(w, x)" if self.weights_dim else "(x)"
-        called = "(x)" if weights is None else "(i, x)" if jnp.asarray(
-            weights.array if isinstance(weights, e3nn.IrrepsArray) else weights
-        ).dtype.kind in "iu" else "(w, x)"
-        if called != form:
+        # integer or float weights against num_indexed_weights: check_linear_call's check
+        form = "(x)" if self.weights_dim is None and self.options.num_indexed_weights is None else (
+            "(i, x)" if self.options.num_indexed_weights is not None else "(w, x)")
+        if (weights is None) != (form == "(x)"):
             raise ValueError(
                 f"{name}: this module was built for the {form} call form "
                 "(num_indexed_weights for (i, x), weights_dim for (w, x)); "
-                f"it was called as {called}"
+                f"it was called as {'(x)' if weights is None else '(weights, x)'}"
             )
         input = _irreps_array(name, input, self.irreps_in)
         dtype = _compute_dtype(self.dtype, input.dtype, self.param_dtype)
         input = input.astype(dtype)
-        weights, input = _layers.check_linear_call(name, self._options, weights, input)
+        weights, input = _layers.check_linear_call(name, self.options, weights, input)
 
         def get_parameter(key, shape, std, dtype):
             if key not in self.weights:
@@ -214,7 +202,7 @@ class Linear(nnx.Module):
                 )
             return value.astype(dtype)
 
-        return _layers.linear(name, self._options, weights, input, get_parameter, self.backend)
+        return _layers.linear(name, self.options, weights, input, get_parameter, self.backend)
 
 
 class MultiLayerPerceptron(nnx.Module):
@@ -258,10 +246,14 @@ class MultiLayerPerceptron(nnx.Module):
         _layers.check_mlp_options(list_neurons, output_activation)
         if num_in < 1:
             raise ValueError(f"{name}: irreps_in must be a positive size or scalar irreps; got {irreps_in!r}")
-        self.act = act
-        self.output_activation = output_activation
+        # normalised once here: e3nn.normalize_function evaluates the activation on a
+        # million points, which e3nn's linen module pays at every call
+        output_activation = act if output_activation is True else output_activation
+        self.act = None if act is None else e3nn.normalize_function(act)
+        self.output_act = None if output_activation in (None, False) else e3nn.normalize_function(
+            output_activation)
         self.gradient_normalization = parse_gradient_normalization(gradient_normalization)
-        self.backend = _checked_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         layers = []
         for h in list_neurons:
             std = np.sqrt(1 / num_in) ** (1.0 - self.gradient_normalization)
@@ -282,12 +274,9 @@ class MultiLayerPerceptron(nnx.Module):
             if not x.irreps.is_scalar():
                 raise ValueError(f"MultiLayerPerceptron: x must be scalars (0e); got irreps {x.irreps}")
             x = x.array
-        output_activation = self.act if self.output_activation is True else self.output_activation
-        act = None if self.act is None else e3nn.normalize_function(self.act)
-        last_act = None if output_activation in (None, False) else e3nn.normalize_function(output_activation)
         for k, layer in enumerate(self.layers):
             x = np.sqrt(1 / layer.in_features) ** self.gradient_normalization * layer(x)
-            activation = act if k < len(self.layers) - 1 else last_act
+            activation = self.act if k < len(self.layers) - 1 else self.output_act
             if activation is not None:
                 x = activation(x)
         return e3nn.IrrepsArray(f"{x.shape[-1]}x0e", x) if is_irreps_array else x
@@ -334,7 +323,7 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self.eps, self.momentum, self.affine = eps, momentum, affine
         self.reduce, self.instance, self.normalization = reduce, instance, normalization
-        self.backend = _checked_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         num_scalars = self.irreps.filter(keep="0e").num_irreps
         num_irreps = self.irreps.num_irreps
         if not instance:
@@ -350,7 +339,8 @@ class BatchNorm(nnx.Module):
         ``use_running_average=True`` when ``batch_stats`` is mutable; this one does not)."""
         name = "BatchNorm"
         input = _irreps_array(name, input, self.irreps)
-        if input.irreps.regroup() != self.irreps.regroup() and input.irreps != self.irreps:
+        # the statistics are per irrep, in order: "4x0e + 4x1o" is not "0e + 1o + 0e + 1o + ..."
+        if input.irreps.simplify() != self.irreps.simplify():
             raise ValueError(
                 f"{name}: input has irreps {input.irreps}; the module was built for {self.irreps}"
             )
@@ -406,7 +396,7 @@ class Dropout(nnx.Module):
         self.irreps = None if irreps is None else e3nn.Irreps(irreps)
         self.deterministic = deterministic
         self.rng_collection = rng_collection
-        self.backend = _checked_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         if isinstance(rngs, nnx.Rngs):
             self.rngs = rngs[rng_collection].fork()
         elif isinstance(rngs, nnx.RngStream):
@@ -483,7 +473,7 @@ class SymmetricTensorProduct(nnx.Module):
         self.num_indexed_weights = num_indexed_weights
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.backend = _checked_backend(backend)
+        self.backend = _backend.validate_optional_backend(backend)
         plan = symmetric_plan(self.irreps_in, self.orders, self.keep_irrep_out)
         sets = () if num_indexed_weights is None else (num_indexed_weights,)
         self.weights = nnx.Dict({
