@@ -118,6 +118,7 @@ def select(
     out: jax.ShapeDtypeStruct,
     key: Hashable | None = None,
     row_axes: tuple[int | None, ...] | None = None,
+    out_row_axis: int | None = 0,
 ) -> Callable[..., Any]:
     """Choose the implementation of ``op`` for ``backend``; the single dispatch point.
 
@@ -135,6 +136,7 @@ def select(
         sharing).
       row_axes: for a row-wise op, per argument, the axis of its rows or ``None`` (see
         :func:`e3kernels.dispatch.call`): a sharded ``jax.jit`` keeps rows on their devices.
+      out_row_axis: the output's row axis, or ``None`` for a sum over the rows.
 
     Returns:
       A function with the signature of ``reference`` that binds the op through
@@ -163,7 +165,7 @@ def select(
             chosen = reference if name == "auto" else _refusal(op, platform, chosen)
         implementations[platform] = chosen
     key = None if key is None else (name, key)
-    return lambda *args: dispatch.call(op, key, implementations, out, args, row_axes)
+    return lambda *args: dispatch.call(op, key, implementations, out, args, row_axes, out_row_axis)
 
 
 def _refusal(op: str, platform: str, reason: str) -> Callable[..., Any]:

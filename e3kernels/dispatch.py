@@ -584,6 +584,7 @@ def call(
     out: jax.ShapeDtypeStruct,
     args: Sequence,
     row_axes: Sequence[int | None] | None = None,
+    out_row_axis: int | None = 0,
 ) -> jax.Array:
     """``implementations[platform](*args)`` for the platform the program is lowered for.
 
@@ -599,6 +600,8 @@ def call(
       row_axes: for a row-wise op, per argument of ``args``, the axis of its rows (the
         output's rows are its axis 0), or ``None`` for an argument shared by all rows.
         Under a sharded ``jax.jit`` each device then computes its own rows.
+      out_row_axis: with ``row_axes``, the output's row axis, or ``None`` for an output
+        that sums over the rows (each device sums its own, then one all-reduce).
     """
     leaves, tree = jax.tree_util.tree_flatten(args)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
@@ -617,7 +620,7 @@ def call(
         in_avals=tuple(core.ShapedArray(np.shape(v), v.dtype) for v in leaves),
         out_avals=(core.ShapedArray(out.shape, out.dtype),),
         in_row_axes=in_row_axes,
-        out_row_axes=None if row_axes is None else (0,),
+        out_row_axes=None if row_axes is None else (out_row_axis,),
         implementations={p: flat(implementations[p]) for p in PLATFORMS},
     )
     return bind(target, *leaves)[0]

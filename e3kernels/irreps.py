@@ -248,3 +248,85 @@ def symmetric_plan(
         SymmetricPath(order, ir, mul, starts[ir], basis) for order, ir, mul, basis in raw
     )
     return SymmetricPlan(irreps_in, tuple(orders), keep, irreps_out, paths)
+
+
+# ---- the equivariant convolution's tensor product ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvolutionPlan:
+    """Static description of the channelwise tensor product of the convolution:
+    ``e3nn.tensor_product(x, sh, filter_ir_out=..., irrep_normalization=...)`` with ``x`` of
+    irreps ``irreps_in`` per channel and ``sh`` of irreps ``irreps_sh`` (one per edge).
+
+    ``table[i, j, q]`` is that tensor product's bilinear form, read from e3nn-jax itself:
+    output column ``q`` equals ``sum_ij table[i, j, q] x[i] sh[j]``. ``irreps_out`` is
+    e3nn's output irreps (sorted and regrouped); each of its ``num_paths`` irreps (counted
+    with multiplicity) has its own weight per edge and channel, and ``path_of_column[q]``
+    is the irrep column ``q`` belongs to. Build it with :func:`convolution_plan`.
+    """
+
+    irreps_in: e3nn.Irreps
+    irreps_sh: e3nn.Irreps
+    filter_ir_out: tuple[e3nn.Irrep, ...] | None
+    irrep_normalization: str
+    irreps_out: e3nn.Irreps
+    path_of_column: tuple[int, ...]
+    table: np.ndarray = dataclasses.field(compare=False, hash=False, repr=False)
+
+    @property
+    def dim_in(self) -> int:
+        return self.irreps_in.dim
+
+    @property
+    def dim_sh(self) -> int:
+        return self.irreps_sh.dim
+
+    @property
+    def dim_out(self) -> int:
+        return self.irreps_out.dim
+
+    @property
+    def num_paths(self) -> int:
+        return self.irreps_out.num_irreps
+
+
+def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *, irrep_normalization=None) -> ConvolutionPlan:
+    """The plan of :func:`e3kernels.ops.equivariant_convolution`: node features of irreps
+    ``irreps_in`` per channel, edge spherical harmonics of irreps ``irreps_sh``, their
+    tensor product kept on the irreps of ``filter_ir_out`` (irreps, a string or a list of
+    irreps; ``None``: all), normalised as ``e3nn.tensor_product`` does
+    (``irrep_normalization``, e3nn's config by default).
+
+    >>> plan = convolution_plan("0e + 1o", "0e + 1o + 2e + 3o", "0e + 1o + 2e + 3o")
+    >>> plan.irreps_out, plan.num_paths
+    (2x0e+3x1o+3x2e+2x3o, 10)
+    """
+    if filter_ir_out is not None:
+        if isinstance(filter_ir_out, (str, e3nn.Irreps)):
+            filter_ir_out = [ir for _, ir in e3nn.Irreps(filter_ir_out)]
+        filter_ir_out = tuple(sorted({e3nn.Irrep(ir) for ir in filter_ir_out}))
+    if irrep_normalization is None:
+        irrep_normalization = e3nn.config("irrep_normalization")
+    return _convolution_plan(e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_sh), filter_ir_out, irrep_normalization)
+
+
+@functools.cache
+def _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization) -> ConvolutionPlan:
+    # e3nn's tensor product of the basis vectors of both inputs is the table itself
+    eye_in = e3nn.IrrepsArray(irreps_in, np.eye(irreps_in.dim, dtype=np.float32))
+    eye_sh = e3nn.IrrepsArray(irreps_sh, np.eye(irreps_sh.dim, dtype=np.float32))
+    product = e3nn.tensor_product(
+        eye_in[:, None, :], eye_sh[None, :, :], filter_ir_out=filter_ir_out,
+        irrep_normalization=irrep_normalization,
+    )
+    path_of_column = []
+    for mul, ir in product.irreps:
+        for _ in range(mul):
+            path_of_column.extend([len(set(path_of_column))] * ir.dim)
+    table = np.asarray(product.array, dtype=np.float64)
+    table = np.where(np.abs(table) < 1e-6, 0.0, table)  # e3nn's float32 round-off of exact zeros
+    return ConvolutionPlan(
+        irreps_in, irreps_sh, filter_ir_out, irrep_normalization, product.irreps,
+        tuple(path_of_column), table,
+    )

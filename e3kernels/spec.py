@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from e3kernels.irreps import LinearPlan, SymmetricPlan
+from e3kernels.irreps import ConvolutionPlan, LinearPlan, SymmetricPlan
 
 
 def accumulation_dtype(*arrays) -> jnp.dtype:
@@ -77,3 +77,22 @@ def symmetric_contraction(x, weights: Sequence, plan: SymmetricPlan, indices=Non
     if indices is not None and weights:
         out = jnp.where(((indices >= 0) & (indices < num_sets))[:, None, None], out, jnp.nan)
     return out.astype(x.dtype)
+
+
+def equivariant_convolution(x, sh, weights, senders, receivers, plan: ConvolutionPlan,
+                            avg_num_neighbors: float = 1.0) -> jax.Array:
+    r"""``out[r, c, q] = (1 / avg) sum_{e: r_e = r} w[e, p(q), c] sum_ij T[i, j, q]
+    x[s_e, c, i] sh[e, j]``, every edge message materialised; edges with a sender or
+    receiver outside ``[0, N)`` contribute nothing."""
+    acc = accumulation_dtype(x, sh, weights)
+    num_nodes = x.shape[0]
+    valid = (senders >= 0) & (senders < num_nodes) & (receivers >= 0) & (receivers < num_nodes)
+    table = jnp.asarray(plan.table, acc)
+    messages = jnp.einsum(
+        "eci,ej,ijq->ecq", x.astype(acc)[jnp.clip(senders, 0, num_nodes - 1)], sh.astype(acc), table,
+        precision="highest",
+    )
+    per_column = weights.astype(acc)[:, jnp.asarray(plan.path_of_column), :]  # (E, Q, C)
+    messages = jnp.where(valid[:, None, None], messages * per_column.transpose(0, 2, 1), 0)
+    out = jnp.zeros((num_nodes,) + messages.shape[1:], acc).at[jnp.where(valid, receivers, 0)].add(messages)
+    return (out / avg_num_neighbors).astype(x.dtype)

@@ -24,8 +24,10 @@ def check_array(op: str, argument: str, value, shape: Sequence[int | None], dtyp
         raise TypeError(f"{op}: {argument} must have a {name} dtype; got {got_dtype}")
 
 
-def check_indices_in_range(op: str, argument: str, indices, num_indexed_weights: int):
-    """Raise for concrete indices outside ``[0, num_indexed_weights)``; traced ones pass."""
+def check_indices_in_range(op: str, argument: str, indices, num_indexed_weights: int,
+                           bound: str | None = None):
+    """Raise for concrete indices outside ``[0, num_indexed_weights)``; traced ones pass.
+    ``bound`` says where the bound comes from (default: ``num_indexed_weights=...``)."""
     if isinstance(indices, jax.core.Tracer):
         return
     indices = np.asarray(indices)
@@ -35,5 +37,5 @@ def check_indices_in_range(op: str, argument: str, indices, num_indexed_weights:
     if low < 0 or high >= num_indexed_weights:
         raise ValueError(
             f"{op}: {argument} must lie in [0, {num_indexed_weights}) "
-            f"(num_indexed_weights={num_indexed_weights}); got values in [{low}, {high}]"
+            f"({bound or f'num_indexed_weights={num_indexed_weights}'}); got values in [{low}, {high}]"
         )

@@ -1,0 +1,193 @@
+r"""Reference (pure jax.numpy) equivariant convolution, and the differentiation rule every
+implementation of the op shares.
+
+The op as a multilinear form. With ``T`` the plan's table (``out[q] = sum_ij T[i, j, q]
+x[i] sh[j]``) and ``p(q)`` the path of output column ``q``, the scalar
+
+.. math::
+
+    F(x, sh, w, g) = \sum_e \sum_c \sum_{ijq} T_{ijq}\, x[s_e, c, i]\, sh[e, j]\,
+                     w[e, p(q), c]\, g[r_e, c, q]
+
+is linear in each of its four arguments, and the convolution is its partial derivative
+in ``g`` (before the ``1 / avg_num_neighbors`` scale). Every derivative of a partial is
+again a partial: the VJP of ``dF/da`` in ``b`` with cotangent ``t`` is ``dF/db`` with ``a``
+replaced by ``t``. So an implementation provides the four partials (:class:`Partials`) and
+:func:`form_partial` differentiates them to any order (forces, then training), each
+derivative running that implementation again:
+
+* ``dF/dg`` (the convolution) and ``dF/dx`` sum over edges into nodes (receivers, senders);
+* ``dF/dw`` ``(E, P, C)`` and ``dF/dsh`` ``(E, dim_sh)`` are per edge.
+
+The reference. A plain formulation materialises ``(E, C, dim_out)`` edge messages (e3nn
+does, in every derivative as well); on CPU, writing such fresh arrays of ~100 MB costs more
+than the arithmetic. Here every partial runs over blocks of edges in a ``lax.scan``:
+a block's messages stay in one reused buffer of about a megabyte, sums over edges
+accumulate into the scan's carry (``segment_sum``, deterministic on CPU), and per-edge
+outputs come out as the scan's stacked results. Per block, ``A[e, i, q] = sum_j T[i, j, q]
+sh[e, j]`` folds the spherical harmonics into the table, so each partial is a few small
+einsums. Edges whose sender or receiver lies outside ``[0, N)`` contribute nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from e3kernels.irreps import ConvolutionPlan
+
+#: the arguments of the form, in order; a partial's ``which`` is a position here
+X, SH, WEIGHTS, OUT = range(4)
+
+#: elements of one block's ``(edges, C, dim_out)`` message buffer
+_BLOCK_ELEMENTS = 1 << 18
+
+
+class Partials(Protocol):
+    """An implementation of the form's four partial derivatives.
+
+    ``__call__(which, out_dtype, args, senders, receivers, num_nodes)`` returns ``dF /
+    d args[which]`` as ``out_dtype``; ``args`` is ``(x, sh, weights, g)`` with ``None`` at
+    ``which``. Instances are static (hashable) arguments of :func:`form_partial`.
+    """
+
+    def __call__(self, which: int, out_dtype, args, senders, receivers, num_nodes: int) -> jax.Array: ...
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def form_partial(partials: Partials, which: int, out_dtype, num_nodes: int, args, senders, receivers):
+    """``dF / d args[which]`` computed by ``partials``, differentiable to any order."""
+    return partials(which, out_dtype, args, senders, receivers, num_nodes)
+
+
+def _form_partial_fwd(partials, which, out_dtype, num_nodes, args, senders, receivers):
+    return form_partial(partials, which, out_dtype, num_nodes, args, senders, receivers), (args, senders, receivers)
+
+
+def _form_partial_bwd(partials, which, out_dtype, num_nodes, residuals, cotangent):
+    del out_dtype
+    args, senders, receivers = residuals
+    grads = []
+    for b, arg in enumerate(args):
+        if arg is None:  # the slot of `which`
+            grads.append(None)
+            continue
+        others = list(args)
+        others[which], others[b] = cotangent, None
+        grads.append(form_partial(partials, b, arg.dtype, num_nodes, tuple(others), senders, receivers))
+    return tuple(grads), None, None
+
+
+form_partial.defvjp(_form_partial_fwd, _form_partial_bwd)
+
+
+def accumulation_dtype(args) -> jnp.dtype:
+    return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in args if a is not None)))
+
+
+def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: ConvolutionPlan,
+                            avg_num_neighbors: float):
+    """The op (see :func:`e3kernels.ops.equivariant_convolution`) on the reference."""
+    out = form_partial(ReferencePartials(plan), OUT, x.dtype, x.shape[0], (x, sh, weights, None), senders, receivers)
+    return scaled(out, avg_num_neighbors)
+
+
+def scaled(out, avg_num_neighbors: float):
+    return out if avg_num_neighbors == 1.0 else (out * (1.0 / avg_num_neighbors)).astype(out.dtype)
+
+
+class ReferencePartials:
+    """The form's partials over blocks of edges (see the module's docstring)."""
+
+    def __init__(self, plan: ConvolutionPlan):
+        self.plan = plan
+
+    def __hash__(self):
+        return hash((type(self), self.plan))
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.plan == self.plan
+
+    def __call__(self, which, out_dtype, args, senders, receivers, num_nodes):
+        plan = self.plan
+        acc = accumulation_dtype(args)
+        x, sh, weights, g = (None if a is None else a.astype(acc) for a in args)
+        num_edges = senders.shape[0]
+        num_channels = next(a.shape[-1] if k == WEIGHTS else a.shape[1]
+                            for k, a in ((X, x), (WEIGHTS, weights), (OUT, g)) if a is not None)
+        out_shape = {
+            X: (num_nodes, num_channels, plan.dim_in),
+            SH: (num_edges, plan.dim_sh),
+            WEIGHTS: (num_edges, plan.num_paths, num_channels),
+            OUT: (num_nodes, num_channels, plan.dim_out),
+        }[which]
+        if num_edges == 0 or num_channels == 0 or num_nodes == 0:
+            return jnp.zeros(out_shape, out_dtype)
+        block = max(8, _BLOCK_ELEMENTS // (num_channels * max(plan.dim_out, plan.dim_in)))
+        block = min(block, num_edges)
+        num_blocks = -(-num_edges // block)
+        pad = num_blocks * block - num_edges
+
+        def blocked(a, fill):  # (E, ...) -> (num_blocks, block, ...), padded with `fill`
+            a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+            return a.reshape((num_blocks, block) + a.shape[1:])
+
+        def valid(index):  # out of range: the node `num_nodes`, gathered as 0, dropped by sums
+            return jnp.where((index >= 0) & (index < num_nodes), index, num_nodes).astype(jnp.int32)
+
+        edges = {"s": blocked(valid(senders), num_nodes), "r": blocked(valid(receivers), num_nodes)}
+        if sh is not None:
+            edges["sh"] = blocked(sh, 0)
+        if weights is not None:
+            edges["w"] = blocked(weights, 0)
+        table = jnp.asarray(plan.table, acc)  # (i, j, q)
+        path_of = jnp.asarray(plan.path_of_column)
+        path_ranges = _path_ranges(plan.path_of_column)
+        hi = jax.lax.Precision.HIGHEST
+        # channels last, the axis every product runs along: (N, size, C)
+        x_t = None if x is None else x.transpose(0, 2, 1)
+        g_t = None if g is None else g.transpose(0, 2, 1)
+
+        def gather(nodes, index):
+            return jnp.take(nodes, index, axis=0, mode="fill", fill_value=0)
+
+        def folded(e):  # A[e, i, q] = sum_j T[i, j, q] sh[e, j]
+            return jnp.einsum("ej,ijq->eiq", e["sh"], table, precision=hi)
+
+        def product(a, xs):  # sum_i A[e, i, q] x[e, i, c]: (B, Q, C), a fused sum of din terms
+            return jnp.sum(a[:, :, :, None] * xs[:, :, None, :], axis=1)
+
+        def block_value(e):
+            if which == OUT:
+                m = product(folded(e), gather(x_t, e["s"])) * e["w"][:, path_of]
+                return jax.ops.segment_sum(m, e["r"], num_nodes)
+            if which == X:
+                t = e["w"][:, path_of] * gather(g_t, e["r"])
+                u = jnp.sum(folded(e)[:, :, :, None] * t[:, None, :, :], axis=2)
+                return jax.ops.segment_sum(u, e["s"], num_nodes)
+            if which == WEIGHTS:
+                v = product(folded(e), gather(x_t, e["s"])) * gather(g_t, e["r"])
+                return jnp.stack([jnp.sum(v[:, a:b], axis=1) for a, b in path_ranges], axis=1)
+            t = e["w"][:, path_of] * gather(g_t, e["r"])
+            b = jnp.sum(gather(x_t, e["s"])[:, :, None, :] * t[:, None, :, :], axis=3)  # (B, i, q)
+            return jnp.einsum("eiq,ijq->ej", b, table, precision=hi)
+
+        if which in (X, OUT):  # sums over edges: accumulate over the blocks
+            def step(total, e):
+                return total + block_value(e), None
+
+            nodes_t = (out_shape[0], out_shape[2], out_shape[1])
+            total, _ = jax.lax.scan(step, jnp.zeros(nodes_t, acc), edges)
+            return total.transpose(0, 2, 1).astype(out_dtype)
+        _, per_edge = jax.lax.scan(lambda c, e: (c, block_value(e).astype(out_dtype)), 0, edges)
+        return per_edge.reshape((num_blocks * block,) + per_edge.shape[2:])[:num_edges]
+
+
+def _path_ranges(path_of_column) -> tuple[tuple[int, int], ...]:
+    """The output columns ``[start, end)`` of each path (they are contiguous)."""
+    bounds = np.searchsorted(np.asarray(path_of_column), np.arange(max(path_of_column, default=-1) + 2))
+    return tuple(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
