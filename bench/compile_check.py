@@ -12,8 +12,9 @@ PTX and ptxas only run at ``.compile()``. JAX can compile for devices it does no
   keeps the PTX and the launch of every kernel (grid, threads, shared memory), and
   ``ptxas -v`` on that PTX gives registers and spills.
 
-Every entry point of both ops (forward, gradient, second order) is compiled at the bench's
-MACE-M sizes for each target; the indexed Linear at each matmul precision. A control
+Every entry point of the three ops (forward, gradient, second order) is compiled at the
+bench's MACE-M sizes for each target (the convolution: 4000 nodes, 120000 edges); the
+indexed Linear at each matmul precision. A control
 kernel that the compiler must reject proves it ran. Prints one table per target and
 writes JSON to ``bench/results/``. ``make compile-check`` installs what it needs into
 ``.venv-compile``.
@@ -60,7 +61,8 @@ GPU_SPECS = {"H100": "h100_sxm.txtpb", "H200": "h200.txtpb"}
 ROWS = 4000
 #: the names our pallas_calls give their kernels
 KERNEL_NAMES = ("indexed_linear_gpu", "indexed_linear_weight_grad_gpu", "sparse_polynomial",
-                "sparse_row_reduction", "indexed_linear_tpu", "indexed_linear_weight_grad_tpu")
+                "sparse_row_reduction", "indexed_linear_tpu", "indexed_linear_weight_grad_tpu",
+                "convolution_node_partial", "convolution_weights_partial", "convolution_sh_partial")
 
 
 @dataclasses.dataclass
@@ -106,6 +108,21 @@ def _entry_points() -> list[tuple[str, Callable, tuple]]:
         return ops.symmetric_contraction(x, w, plan, indices=i, backend="pallas")
 
     entries += _three_orders("symmetric_contraction", contract, (xs, ws, i), projection)
+
+    # MACE's second interaction: 128x(0e+1o) convolved with l <= 3, 30 neighbours per node
+    conv = ops.convolution_plan(KEEP, NODE_IRREPS, NODE_IRREPS)
+    edges = 30 * ROWS
+    xc = jax.ShapeDtypeStruct((ROWS, CHANNELS, conv.dim_in), f32)
+    per_edge = (jax.ShapeDtypeStruct((edges, conv.dim_sh), f32),
+                jax.ShapeDtypeStruct((edges, conv.num_paths, CHANNELS), f32))
+    index = (jax.ShapeDtypeStruct((edges,), jnp.int32),) * 2
+    projection = np.random.default_rng(2).standard_normal((ROWS, CHANNELS, conv.dim_out)).astype(np.float32)
+
+    def convolve(x, per_edge, index):
+        return ops.equivariant_convolution(x, *per_edge, *index, conv, avg_num_neighbors=30.0,
+                                           backend="pallas")
+
+    entries += _three_orders("equivariant_convolution", convolve, (xc, per_edge, index), projection)
     return entries
 
 

@@ -1,0 +1,273 @@
+"""GPU (Triton lowering) Pallas kernels for the equivariant convolution's partials.
+
+Tiles are ``(EDGE_BLOCK edges, channel_block channels)`` in float32. Node features are
+gathered inside the kernel, row by row through the edges' node indices (a row's
+``size`` columns share cache lines, so after the first column the rest come from L1),
+the weights as contiguous channel slices, the spherical harmonics as one value per edge.
+
+A node partial runs one program per (node, channel block): it walks the node's edges, in
+the order of the sort, a block at a time (a loop whose trip count is the node's degree /
+``EDGE_BLOCK``), keeping one ``(channel_block,)`` sum per output column. So the node's sum
+has one fixed order: deterministic, with no atomics and no partial sums in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from e3kernels.grouping import cdiv, group_rows
+from e3kernels.irreps import ConvolutionPlan
+from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels._term_unrolling import row_sum
+from e3kernels.reference.equivariant_convolution import OUT
+
+EDGE_BLOCK = 16
+CHANNEL_BLOCK = 32
+
+
+def _channel_block(num_channels: int) -> int:
+    return min(CHANNEL_BLOCK, 1 << (max(num_channels, 1) - 1).bit_length())
+
+
+def _f32(value):
+    return value if value.dtype == jnp.float32 else lax.convert_element_type(value, jnp.float32)
+
+
+class _EdgeTile:
+    """One block of edges and channels: masked gathers of their data."""
+
+    def __init__(self, edges, edge_ok, channels, channel_ok, num_nodes):
+        self.edges, self.channels = edges, channels
+        self.edge_ok, self.channel_ok = edge_ok, channel_ok
+        self.num_nodes = num_nodes
+        self.mask = edge_ok[:, None] & channel_ok[None, :]
+
+    def node_index(self, index_ref):
+        """The edges' node indices, and where they are valid (in range)."""
+        index = plgpu.load(index_ref.at[self.edges], mask=self.edge_ok, other=0)
+        return index, self.edge_ok & (index >= 0) & (index < self.num_nodes)
+
+    def node_column(self, ref, nodes, node_ok, column: int):
+        """``ref[nodes, channels, column]``; 0 for invalid edges."""
+        mask = node_ok[:, None] & self.channel_ok[None, :]
+        return _f32(plgpu.load(ref.at[nodes[:, None], self.channels[None, :], column], mask=mask, other=0))
+
+    def weight(self, ref, path: int):
+        """``weights[edges, path, channels]``."""
+        index = ref.at[self.edges[:, None], jnp.int32(path), self.channels[None, :]]
+        return _f32(plgpu.load(index, mask=self.mask, other=0))
+
+    def harmonic(self, ref, j: int):
+        """``sh[edges, j]`` as an ``(edges, 1)`` column."""
+        value = _f32(plgpu.load(ref.at[self.edges, jnp.int32(j)], mask=self.edge_ok, other=0))
+        return lax.expand_dims(value, (1,))
+
+
+def _harmonics(tile: _EdgeTile, sh_ref, columns) -> dict:
+    used = sorted({j for _, _, terms in columns for _, j, _ in terms})
+    return {j: tile.harmonic(sh_ref, j) for j in used}
+
+
+def _term_sum(terms, left, right, shape):
+    """``sum coef * left[a] * right[b]`` over ``(a, b, coef)``: ``left`` broadcast tiles."""
+    total = None
+    for a, b, coef in terms:
+        product = lax.mul(left[a], right[b]) if left[a].shape == right[b].shape else left[a] * right[b]
+        value = product * jnp.float32(coef)
+        total = value if total is None else total + value
+    return jnp.broadcast_to(total, shape)
+
+
+# ---- node partials: sums over a node's edges ---------------------------------------------
+
+
+def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources, destinations, out_dtype, *,
+                 config: KernelConfig):
+    """``which == OUT``: the convolution (``nodes`` = x at the senders, summed into the
+    receivers); ``X``: its gradient in x (``nodes`` = g at the receivers, into the senders)."""
+    from e3kernels.kernels.equivariant_convolution import column_terms
+
+    num_nodes, num_channels = nodes.shape[:2]
+    out_size = plan.dim_out if which == OUT else plan.dim_in
+    grouping = group_rows(destinations, num_nodes)  # invalid destinations sort last, unvisited
+    channel_block = _channel_block(num_channels)
+    kernel = functools.partial(
+        _node_kernel, which=which, columns=column_terms(plan), out_size=out_size, num_nodes=num_nodes,
+        num_channels=num_channels, channel_block=channel_block,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_nodes, num_channels, out_size), out_dtype),
+        grid=(num_nodes, cdiv(num_channels, channel_block)),
+        compiler_params=config.triton_params(),
+        interpret=config.pallas_interpret,
+        name="convolution_node_partial",
+    )(grouping.bounds, grouping.order, sources, nodes, sh, weights)
+
+
+def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_ref, out_ref, *, which,
+                 columns, out_size, num_nodes, num_channels, channel_block):
+    node = pl.program_id(0)
+    channels = pl.program_id(1) * channel_block + jnp.arange(channel_block, dtype=jnp.int32)
+    channel_ok = channels < num_channels
+    start, end = bounds_ref[node], bounds_ref[node + 1]
+    shape = (EDGE_BLOCK, channel_block)
+
+    def block(k, sums):
+        position = start + k * EDGE_BLOCK + jnp.arange(EDGE_BLOCK, dtype=jnp.int32)
+        in_block = position < end
+        edges = plgpu.load(order_ref.at[position], mask=in_block, other=0)
+        tile = _EdgeTile(edges, in_block, channels, channel_ok, num_nodes)
+        other, other_ok = tile.node_index(sources_ref)
+        sh = _harmonics(tile, sh_ref, columns)
+        sums = list(sums)
+        weight = {}
+
+        def path_weight(p):
+            if p not in weight:
+                weight.clear()  # a path's columns are consecutive: one weight tile live
+                weight[p] = tile.weight(weights_ref, p)
+            return weight[p]
+
+        if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
+            used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+            xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
+            for q, p, terms in columns:
+                message = _term_sum(terms, xs, sh, shape) * path_weight(p)
+                sums[q] = sums[q] + row_sum(message)
+        else:  # gx[i] += sum_e sum_jq T sh[j] w[p(q)] g[q]
+            parts = {}
+            for q, p, terms in columns:
+                t = tile.node_column(nodes_ref, other, other_ok, q) * path_weight(p)
+                for i, j, coef in terms:
+                    value = t * (sh[j] * jnp.float32(coef))
+                    parts[i] = value if i not in parts else parts[i] + value
+            for i, part in parts.items():
+                sums[i] = sums[i] + row_sum(part)
+        return tuple(sums)
+
+    zero = jnp.zeros((channel_block,), jnp.float32)
+    sums = lax.fori_loop(0, (end - start + EDGE_BLOCK - 1) // EDGE_BLOCK, block, (zero,) * out_size)
+    for column, total in enumerate(sums):
+        index = out_ref.at[node, channels, jnp.int32(column)]
+        plgpu.store(index, total.astype(out_ref.dtype), mask=channel_ok)
+
+
+# ---- edge partials -------------------------------------------------------------------------
+
+
+def _edge_grid(num_edges: int, num_channels: int):
+    channel_block = _channel_block(num_channels)
+    return channel_block, (cdiv(num_edges, EDGE_BLOCK), cdiv(num_channels, channel_block))
+
+
+def _edge_tile(num_edges, num_channels, channel_block, num_nodes, senders_ref, receivers_ref):
+    edges = pl.program_id(0) * EDGE_BLOCK + jnp.arange(EDGE_BLOCK, dtype=jnp.int32)
+    channels = pl.program_id(1) * channel_block + jnp.arange(channel_block, dtype=jnp.int32)
+    tile = _EdgeTile(edges, edges < num_edges, channels, channels < num_channels, num_nodes)
+    senders, senders_ok = tile.node_index(senders_ref)
+    receivers, receivers_ok = tile.node_index(receivers_ref)
+    both = senders_ok & receivers_ok  # an edge with one end out of range contributes nothing
+    return tile, senders, receivers, both
+
+
+def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dtype, *, config: KernelConfig):
+    """``gw[e, p, c] = sum_{q in p} g[r_e, c, q] sum_ij T x[s_e, c, i] sh[e, j]``."""
+    from e3kernels.kernels.equivariant_convolution import column_terms
+
+    num_nodes, num_channels = x.shape[:2]
+    num_edges = senders.shape[0]
+    channel_block, grid = _edge_grid(num_edges, num_channels)
+    kernel = functools.partial(
+        _weights_kernel, columns=column_terms(plan), num_paths=plan.num_paths, num_nodes=num_nodes,
+        num_edges=num_edges, num_channels=num_channels, channel_block=channel_block,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_edges, plan.num_paths, num_channels), out_dtype),
+        grid=grid,
+        compiler_params=config.triton_params(),
+        interpret=config.pallas_interpret,
+        name="convolution_weights_partial",
+    )(senders, receivers, x, sh, g)
+
+
+def _weights_kernel(senders_ref, receivers_ref, x_ref, sh_ref, g_ref, out_ref, *, columns, num_paths,
+                    num_nodes, num_edges, num_channels, channel_block):
+    tile, senders, receivers, both = _edge_tile(num_edges, num_channels, channel_block, num_nodes,
+                                                senders_ref, receivers_ref)
+    shape = (EDGE_BLOCK, channel_block)
+    used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+    xs = {i: tile.node_column(x_ref, senders, both, i) for i in used}
+    sh = _harmonics(tile, sh_ref, columns)
+    sums = {}
+    last_column_of = {p: q for q, p, _ in columns}
+    for q, p, terms in columns:
+        value = _term_sum(terms, xs, sh, shape) * tile.node_column(g_ref, receivers, both, q)
+        sums[p] = value if p not in sums else sums[p] + value
+        if last_column_of[p] == q:
+            _store_path(out_ref, tile, p, sums.pop(p))
+    for p in sorted(set(range(num_paths)) - set(last_column_of)):
+        _store_path(out_ref, tile, p, jnp.zeros(shape, jnp.float32))
+
+
+def _store_path(out_ref, tile: _EdgeTile, path: int, value):
+    index = out_ref.at[tile.edges[:, None], jnp.int32(path), tile.channels[None, :]]
+    plgpu.store(index, value.astype(out_ref.dtype), mask=tile.mask)
+
+
+def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dtype, *, config: KernelConfig):
+    """``gsh[e, j] = sum_c sum_iq T x[s_e, c, i] w[e, p(q), c] g[r_e, c, q]``: per channel
+    block in the kernel, the blocks summed by XLA."""
+    from e3kernels.kernels.equivariant_convolution import column_terms
+
+    num_nodes, num_channels = x.shape[:2]
+    num_edges = senders.shape[0]
+    channel_block, grid = _edge_grid(num_edges, num_channels)
+    kernel = functools.partial(
+        _sh_kernel, columns=column_terms(plan), dim_sh=plan.dim_sh, num_nodes=num_nodes, num_edges=num_edges,
+        num_channels=num_channels, channel_block=channel_block,
+    )
+    partials = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_edges, grid[1], plan.dim_sh), jnp.float32),
+        grid=grid,
+        compiler_params=config.triton_params(),
+        interpret=config.pallas_interpret,
+        name="convolution_sh_partial",
+    )(senders, receivers, x, weights, g)
+    return jnp.sum(partials, axis=1).astype(out_dtype)
+
+
+def _sh_kernel(senders_ref, receivers_ref, x_ref, weights_ref, g_ref, out_ref, *, columns, dim_sh, num_nodes,
+               num_edges, num_channels, channel_block):
+    tile, senders, receivers, both = _edge_tile(num_edges, num_channels, channel_block, num_nodes,
+                                                senders_ref, receivers_ref)
+    used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+    xs = {i: tile.node_column(x_ref, senders, both, i) for i in used}
+    sums = {}
+    weight = {}
+    for q, p, terms in columns:
+        if p not in weight:
+            weight.clear()
+            weight[p] = tile.weight(weights_ref, p)
+        t = tile.node_column(g_ref, receivers, both, q) * weight[p]
+        by_input = {}
+        for i, j, coef in terms:
+            by_input.setdefault(i, []).append((j, coef))
+        for i, js in by_input.items():
+            channel_sum = lax.reduce(xs[i] * t, np.array(0, np.float32), lax.add, (1,))  # (edges,)
+            for j, coef in js:
+                value = channel_sum * jnp.float32(coef)
+                sums[j] = value if j not in sums else sums[j] + value
+    block = pl.program_id(1)
+    for j in range(dim_sh):
+        value = sums.get(j, jnp.zeros((EDGE_BLOCK,), jnp.float32))
+        plgpu.store(out_ref.at[tile.edges, block, jnp.int32(j)], value, mask=tile.edge_ok)

@@ -1,0 +1,125 @@
+"""The convolution's Pallas kernels, GPU (Triton) and TPU (Mosaic) styles, in interpret mode
+on CPU: each of the multilinear form's four partials against the reference's, the op to
+second order against the spec, and lowering for real hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, assert_trees_close, lowered_text
+from test_convolution import PLAN, Graph, force_training_loss, projection_for, spec_conv
+
+from e3kernels import ops
+from e3kernels.kernels import equivariant_convolution as kernels
+from e3kernels.reference import equivariant_convolution as reference
+
+STYLES = {
+    "triton": kernels.TRITON_INTERPRET,
+    # tiles of 8 edges: the node with 20 edges spans three
+    "mosaic": dataclasses.replace(kernels.MOSAIC_INTERPRET, tile_rows=8),
+}
+MACE_PLAN = ops.convolution_plan("0e + 1o", "0e + 1o + 2e + 3o", "0e + 1o + 2e + 3o")
+
+
+def busy_graph(plan=PLAN, channels=3, dtype=jnp.float32):
+    """40 edges: node 2 receives 20 (several edge blocks), node 6 none, and three edges
+    with an end out of range."""
+    g = Graph(plan, nodes=7, edges=40, channels=channels, dtype=dtype)
+    g.receivers = g.receivers.at[:20].set(2).at[7].set(9)
+    g.senders = g.senders.at[11].set(-3).at[30].set(7)
+    return g
+
+
+def partial_args(g: Graph, which: int):
+    cotangent = jnp.asarray(np.random.default_rng(3).standard_normal(
+        (g.x.shape[0], g.x.shape[1], g.plan.dim_out)), g.x.dtype)
+    args = [g.x, g.sh, g.weights, cotangent]
+    args[which] = None
+    return tuple(args)
+
+
+@pytest.mark.parametrize("which", ["x", "sh", "weights", "out"])
+@pytest.mark.parametrize("style", STYLES)
+def test_each_partial_equals_the_reference(style, which):
+    which = ("x", "sh", "weights", "out").index(which)
+    g = busy_graph(channels=3 if style == "mosaic" else 40)  # Triton: two channel blocks
+    args = partial_args(g, which)
+    ours = kernels.KernelPartials(PLAN, STYLES[style])(which, jnp.float32, args, *g.edges, 7)
+    expected = reference.ReferencePartials(PLAN)(which, jnp.float32, args, *g.edges, 7)
+    assert ours.shape == expected.shape
+    assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_op_to_second_order_equals_the_spec(style):
+    g = busy_graph()
+
+    def f(x, params, edges):
+        return kernels.equivariant_convolution(x, *params, *edges, plan=PLAN, avg_num_neighbors=2.5,
+                                               config=STYLES[style])
+
+    params = (g.sh, g.weights)
+    assert_close(jax.jit(f)(g.x, params, g.edges), spec_conv()(g.x, params, g.edges))
+    loss = lambda f: jax.jit(jax.grad(force_training_loss(f, g.edges, projection_for(g)), argnums=(0, 1)))
+    assert_trees_close(loss(f)(params, g.x), loss(spec_conv())(params, g.x), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_bfloat16_accumulates_in_float32(style):
+    g = busy_graph(dtype=jnp.bfloat16)
+    out = kernels.equivariant_convolution(g.x, g.sh, g.weights, *g.edges, plan=PLAN, avg_num_neighbors=1.0,
+                                          config=STYLES[style])
+    assert out.dtype == jnp.bfloat16
+    as32 = jax.tree.map(lambda a: a.astype(jnp.float32), (g.x, (g.sh, g.weights)))
+    expected = spec_conv(avg_num_neighbors=1.0)(*as32, g.edges)
+    # rounded once, to bfloat16, at the end
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), rtol=1e-2, atol=1e-2)
+
+
+def test_the_backend_runs_the_interpret_kernel():
+    g = busy_graph()
+    f = jax.jit(lambda x, sh, w, s, r: ops.equivariant_convolution(x, sh, w, s, r, PLAN, backend="pallas"))
+    text = f.lower(g.x, g.sh, g.weights, *g.edges).as_text()
+    assert "scan" not in text.lower() and "while" in text  # the interpret kernels' grid loop
+    assert_close(f(g.x, g.sh, g.weights, *g.edges), spec_conv(avg_num_neighbors=1.0)(g.x, (g.sh, g.weights),
+                                                                                     g.edges))
+
+
+def test_column_terms_are_the_table():
+    table = np.zeros_like(MACE_PLAN.table)
+    for q, p, terms in kernels.column_terms(MACE_PLAN):
+        assert MACE_PLAN.path_of_column[q] == p
+        for i, j, coef in terms:
+            table[i, j, q] = coef
+    np.testing.assert_array_equal(table, MACE_PLAN.table)
+    assert sum(len(t) for _, _, t in kernels.column_terms(MACE_PLAN)) == 86
+
+
+# ---- lowering for real hardware ------------------------------------------------------------
+
+PLATFORMS = [("cuda", kernels.TRITON, "__gpu$xla.gpu.triton"), ("tpu", kernels.MOSAIC, "tpu_custom_call")]
+
+
+@pytest.mark.parametrize("platform, config, marker", PLATFORMS)
+def test_lowers_at_mace_size_to_second_order(platform, config, marker):
+    """MACE's second interaction (128 channels, l <= 3), 1000 nodes and 30000 edges: the
+    force-training gradient lowers every partial to a kernel and nothing else."""
+    nodes, edges, channels = 1000, 30000, 128
+    x = jnp.zeros((nodes, channels, MACE_PLAN.dim_in))
+    params = (jnp.zeros((edges, MACE_PLAN.dim_sh)), jnp.zeros((edges, MACE_PLAN.num_paths, channels)))
+    index = (jnp.zeros(edges, jnp.int32), jnp.zeros(edges, jnp.int32))
+    projection = jnp.zeros((nodes, channels, MACE_PLAN.dim_out))
+
+    def f(x, params, edges):
+        return kernels.equivariant_convolution(x, *params, *edges, plan=MACE_PLAN, avg_num_neighbors=30.0,
+                                               config=config)
+
+    loss = force_training_loss(f, index, projection)
+    text = lowered_text(jax.grad(loss, argnums=(0, 1)), platform, params, x)
+    names = ("convolution_node_partial", "convolution_weights_partial", "convolution_sh_partial")
+    assert text.count(marker) >= 6 and all(name in text for name in names)
