@@ -30,6 +30,7 @@ from e3kernels.reference.equivariant_convolution import OUT
 
 EDGE_BLOCK = 16
 CHANNEL_BLOCK = 32
+MAX_OPEN_SUMS = 8
 
 
 def _channel_block(num_channels: int) -> int:
@@ -99,7 +100,8 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     grouping = group_rows(destinations, num_nodes)  # invalid destinations sort last, unvisited
     channel_block = _channel_block(num_channels)
     kernel = functools.partial(
-        _node_kernel, which=which, columns=column_terms(plan), out_size=out_size, num_nodes=num_nodes,
+        _node_kernel, which=which, passes=_node_passes(which, column_terms(plan), out_size),
+        out_size=out_size, num_nodes=num_nodes,
         num_channels=num_channels, channel_block=channel_block,
     )
     return pl.pallas_call(
@@ -112,52 +114,82 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     )(grouping.bounds, grouping.order, sources, nodes, sh, weights)
 
 
+def _node_passes(which: int, columns, out_size: int):
+    """The node kernel's passes over a node's edges: ``(outputs, columns)`` each. The
+    convolution keeps one ``(channels,)`` sum per output column across the edge loop, and
+    ``MAX_OPEN_SUMS`` of them at a time (whole paths, so a path's weight tile is loaded once
+    per block): at MACE's 40 columns in one pass the H100 kernel needed 255 registers and
+    spilled. Each pass gathers the sender rows again, from L2."""
+    if which != OUT:
+        return ((tuple(range(out_size)), columns),)
+    passes, current = [], []
+    for path in sorted({p for _, p, _ in columns}):
+        members = [c for c in columns if c[1] == path]
+        if current and len(current) + len(members) > MAX_OPEN_SUMS:
+            passes.append(current)
+            current = []
+        current = current + members
+    passes.append(current)
+    return tuple((tuple(q for q, _, _ in group), tuple(group)) for group in passes if group)
+
+
 def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_ref, out_ref, *, which,
-                 columns, out_size, num_nodes, num_channels, channel_block):
+                 passes, out_size, num_nodes, num_channels, channel_block):
     node = pl.program_id(0)
     channels = pl.program_id(1) * channel_block + jnp.arange(channel_block, dtype=jnp.int32)
     channel_ok = channels < num_channels
     start, end = bounds_ref[node], bounds_ref[node + 1]
     shape = (EDGE_BLOCK, channel_block)
 
-    def block(k, sums):
-        position = start + k * EDGE_BLOCK + jnp.arange(EDGE_BLOCK, dtype=jnp.int32)
-        in_block = position < end
-        edges = plgpu.load(order_ref.at[position], mask=in_block, other=0)
-        tile = _EdgeTile(edges, in_block, channels, channel_ok, num_nodes)
-        other, other_ok = tile.node_index(sources_ref)
-        sh = _harmonics(tile, sh_ref, columns)
-        sums = list(sums)
-        weight = {}
+    def block_sums(outputs, columns):
+        def block(k, sums):
+            position = start + k * EDGE_BLOCK + jnp.arange(EDGE_BLOCK, dtype=jnp.int32)
+            in_block = position < end
+            edges = plgpu.load(order_ref.at[position], mask=in_block, other=0)
+            tile = _EdgeTile(edges, in_block, channels, channel_ok, num_nodes)
+            other, other_ok = tile.node_index(sources_ref)
+            sh = _harmonics(tile, sh_ref, columns)
+            sums = dict(zip(outputs, sums))
+            weight = {}
 
-        def path_weight(p):
-            if p not in weight:
-                weight.clear()  # a path's columns are consecutive: one weight tile live
-                weight[p] = tile.weight(weights_ref, p)
-            return weight[p]
+            def path_weight(p):
+                if p not in weight:
+                    weight.clear()  # a path's columns are consecutive: one weight tile live
+                    weight[p] = tile.weight(weights_ref, p)
+                return weight[p]
 
-        if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
-            used = sorted({i for _, _, terms in columns for i, _, _ in terms})
-            xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
-            for q, p, terms in columns:
-                message = _term_sum(terms, xs, sh, shape) * path_weight(p)
-                sums[q] = sums[q] + row_sum(message)
-        else:  # gx[i] += sum_e sum_jq T sh[j] w[p(q)] g[q]
-            parts = {}
-            for q, p, terms in columns:
-                t = tile.node_column(nodes_ref, other, other_ok, q) * path_weight(p)
-                for i, j, coef in terms:
-                    value = t * (sh[j] * jnp.float32(coef))
-                    parts[i] = value if i not in parts else parts[i] + value
-            for i, part in parts.items():
-                sums[i] = sums[i] + row_sum(part)
-        return tuple(sums)
+            if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
+                used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+                xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
+                for q, p, terms in columns:
+                    message = _term_sum(terms, xs, sh, shape) * path_weight(p)
+                    sums[q] = sums[q] + row_sum(message)
+            else:  # gx[i] += sum_e sum_jq T sh[j] w[p(q)] g[q]
+                parts = {}
+                for q, p, terms in columns:
+                    t = tile.node_column(nodes_ref, other, other_ok, q) * path_weight(p)
+                    for i, j, coef in terms:
+                        value = t * (sh[j] * jnp.float32(coef))
+                        parts[i] = value if i not in parts else parts[i] + value
+                for i, part in parts.items():
+                    sums[i] = sums[i] + row_sum(part)
+            return tuple(sums[o] for o in outputs)
 
-    zero = jnp.zeros((channel_block,), jnp.float32)
-    sums = lax.fori_loop(0, (end - start + EDGE_BLOCK - 1) // EDGE_BLOCK, block, (zero,) * out_size)
-    for column, total in enumerate(sums):
+        zero = jnp.zeros((channel_block,), jnp.float32)
+        num_blocks = (end - start + EDGE_BLOCK - 1) // EDGE_BLOCK
+        return lax.fori_loop(0, num_blocks, block, (zero,) * len(outputs))
+
+    def store(column, total):
         index = out_ref.at[node, channels, jnp.int32(column)]
         plgpu.store(index, total.astype(out_ref.dtype), mask=channel_ok)
+
+    written = set()
+    for outputs, columns in passes:
+        for column, total in zip(outputs, block_sums(outputs, columns)):
+            store(column, total)
+        written.update(outputs)
+    for column in sorted(set(range(out_size)) - written):  # columns without terms
+        store(column, jnp.zeros((channel_block,), jnp.float32))
 
 
 # ---- edge partials -------------------------------------------------------------------------
