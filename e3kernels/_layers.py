@@ -341,3 +341,103 @@ def dropout(module: str, rng, x, p: float, irreps: e3nn.Irreps | None) -> e3nn.I
     if not isinstance(x, e3nn.IrrepsArray):
         raise TypeError(f"{module}: x must be an e3nn.IrrepsArray; got {type(x).__name__}")
     return dropout_body(rng, x, p, irreps)
+
+
+# ---- MessagePassingConvolution ---------------------------------------------------------------
+
+MODULE_CONV = "MessagePassingConvolution"
+
+
+def checked_target_irreps(target_irreps) -> tuple[e3nn.Irrep, ...]:
+    """The irreps (multiplicities dropped) the convolution's messages keep."""
+    try:
+        irreps = e3nn.Irreps(target_irreps)
+    except (ValueError, TypeError, AssertionError) as error:
+        raise ValueError(
+            f"{MODULE_CONV}: target_irreps must be irreps such as '0e + 1o + 2e'; got {target_irreps!r}"
+        ) from error
+    if not irreps:
+        raise ValueError(f"{MODULE_CONV}: target_irreps must name at least one irrep; got {target_irreps!r}")
+    return tuple(sorted({ir for _, ir in irreps}))
+
+
+def checked_avg_num_neighbors(avg_num_neighbors) -> float:
+    from e3kernels.ops.equivariant_convolution import checked_average
+
+    return checked_average(avg_num_neighbors, MODULE_CONV)
+
+
+def check_radial_options(radial_neurons) -> tuple[int, ...]:
+    if isinstance(radial_neurons, (str, bytes)) or not hasattr(radial_neurons, "__iter__"):
+        raise TypeError(f"{MODULE_CONV}: radial_neurons must be a sequence of ints, e.g. (64, 64, 64); "
+                        f"got {radial_neurons!r}")
+    neurons = tuple(radial_neurons)
+    if not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in neurons):
+        raise ValueError(f"{MODULE_CONV}: radial_neurons must be positive ints; got {neurons!r}")
+    return neurons
+
+
+def convolution_inputs(node_feats, edge_sh) -> tuple[jax.Array, e3nn.Irreps, int]:
+    """``node_feats`` ``(N, C x irreps)`` as ``(N, C, irreps)``, its irreps per channel, ``C``."""
+    for argument, value in (("node_feats", node_feats), ("edge_sh", edge_sh)):
+        if not isinstance(value, e3nn.IrrepsArray) or value.ndim != 2:
+            shape = "(num_nodes, irreps)" if argument == "node_feats" else "(num_edges, irreps_sh)"
+            raise TypeError(
+                f"{MODULE_CONV}: {argument} must be an e3nn.IrrepsArray of shape {shape}; "
+                f"got {type(value).__name__} of shape {getattr(value, 'shape', None)}"
+            )
+    muls = {mul for mul, _ in node_feats.irreps}
+    if len(muls) != 1 or 0 in muls:
+        raise ValueError(
+            f"{MODULE_CONV}: node_feats must have the same nonzero multiplicity (channels) for every "
+            f"irrep, as '128x0e + 128x1o'; got {node_feats.irreps}"
+        )
+    (channels,) = muls
+    x = node_feats.mul_to_axis(channels)
+    return x.array, x.irreps, channels
+
+
+def message_passing_convolution(
+    target_irreps: tuple[e3nn.Irrep, ...],
+    avg_num_neighbors: float,
+    node_feats: e3nn.IrrepsArray,
+    edge_sh: e3nn.IrrepsArray,
+    senders,
+    receivers,
+    edge_weights: Callable[[int], jax.Array],
+    backend: str | None,
+) -> e3nn.IrrepsArray:
+    """The convolution on e3nn's flat layout; ``edge_weights(num_outputs)`` is the radial
+    network's ``(E, num_outputs)`` output (``num_outputs``: one per message irrep)."""
+    x, irreps_per_channel, channels = convolution_inputs(node_feats, edge_sh)
+    plan = ops.convolution_plan(irreps_per_channel, edge_sh.irreps, target_irreps)
+    if plan.num_paths == 0:
+        raise ValueError(
+            f"{MODULE_CONV}: no irrep of target_irreps ({e3nn.Irreps(target_irreps)}) is in the tensor "
+            f"product of node_feats ({irreps_per_channel} per channel) with edge_sh ({edge_sh.irreps})"
+        )
+    num_edges = edge_sh.shape[0]
+    weights = edge_weights(plan.num_paths * channels)
+    weights = weights.array if isinstance(weights, e3nn.IrrepsArray) else weights
+    if weights.shape != (num_edges, plan.num_paths * channels):
+        raise ValueError(
+            f"{MODULE_CONV}: the radial network must give ({num_edges}, {plan.num_paths * channels}) "
+            f"weights; got {weights.shape}"
+        )
+    out = ops.equivariant_convolution(
+        x, edge_sh.array, weights.reshape(num_edges, plan.num_paths, channels), jnp.asarray(senders),
+        jnp.asarray(receivers), plan, avg_num_neighbors=avg_num_neighbors, backend=backend,
+    )
+    return paths_to_mul(out, plan.irreps_out)
+
+
+def paths_to_mul(out: jax.Array, irreps_out: e3nn.Irreps) -> e3nn.IrrepsArray:
+    """``(N, C, irreps_out)`` -> e3nn's flat layout of the same tensor product on ``C x``
+    inputs: per output irrep, its paths one after the other, each with its ``C`` channels."""
+    num_nodes, channels, _ = out.shape
+    chunks, irreps = [], []
+    for (mul, ir), columns in zip(irreps_out, irreps_out.slices()):
+        chunk = out[:, :, columns].reshape(num_nodes, channels, mul, ir.dim).transpose(0, 2, 1, 3)
+        chunks.append(chunk.reshape(num_nodes, mul * channels * ir.dim))
+        irreps.append((mul * channels, ir))
+    return e3nn.IrrepsArray(e3nn.Irreps(irreps), jnp.concatenate(chunks, axis=-1))

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 
 import e3nn_jax as e3nn
+import jax
 import numpy as np
 
 from e3kernels._e3nn_private import FunctionalLinear
@@ -291,7 +292,8 @@ class ConvolutionPlan:
         return self.irreps_out.num_irreps
 
 
-def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *, irrep_normalization=None) -> ConvolutionPlan:
+def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *,
+                     irrep_normalization=None) -> ConvolutionPlan:
     """The plan of :func:`e3kernels.ops.equivariant_convolution`: node features of irreps
     ``irreps_in`` per channel, edge spherical harmonics of irreps ``irreps_sh``, their
     tensor product kept on the irreps of ``filter_ir_out`` (irreps, a string or a list of
@@ -308,23 +310,26 @@ def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *, irrep_normaliz
         filter_ir_out = tuple(sorted({e3nn.Irrep(ir) for ir in filter_ir_out}))
     if irrep_normalization is None:
         irrep_normalization = e3nn.config("irrep_normalization")
-    return _convolution_plan(e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_sh), filter_ir_out, irrep_normalization)
+    irreps_in, irreps_sh = e3nn.Irreps(irreps_in), e3nn.Irreps(irreps_sh)
+    return _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization)
 
 
 @functools.cache
 def _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization) -> ConvolutionPlan:
-    # e3nn's tensor product of the basis vectors of both inputs is the table itself
-    eye_in = e3nn.IrrepsArray(irreps_in, np.eye(irreps_in.dim, dtype=np.float32))
-    eye_sh = e3nn.IrrepsArray(irreps_sh, np.eye(irreps_sh.dim, dtype=np.float32))
-    product = e3nn.tensor_product(
-        eye_in[:, None, :], eye_sh[None, :, :], filter_ir_out=filter_ir_out,
-        irrep_normalization=irrep_normalization,
-    )
+    # e3nn's tensor product of the basis vectors of both inputs is the table itself; computed
+    # eagerly even when the plan is first built inside a trace (jit, eval_shape, a Haiku init)
+    with jax.ensure_compile_time_eval():
+        eye_in = e3nn.IrrepsArray(irreps_in, np.eye(irreps_in.dim, dtype=np.float32))
+        eye_sh = e3nn.IrrepsArray(irreps_sh, np.eye(irreps_sh.dim, dtype=np.float32))
+        product = e3nn.tensor_product(
+            eye_in[:, None, :], eye_sh[None, :, :], filter_ir_out=filter_ir_out,
+            irrep_normalization=irrep_normalization,
+        )
+        table = np.asarray(product.array, dtype=np.float64)
     path_of_column = []
     for mul, ir in product.irreps:
         for _ in range(mul):
             path_of_column.extend([len(set(path_of_column))] * ir.dim)
-    table = np.asarray(product.array, dtype=np.float64)
     table = np.where(np.abs(table) < 1e-6, 0.0, table)  # e3nn's float32 round-off of exact zeros
     return ConvolutionPlan(
         irreps_in, irreps_sh, filter_ir_out, irrep_normalization, product.irreps,
