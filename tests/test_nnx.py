@@ -1,7 +1,9 @@
-"""e3kernels.nnx: the five modules equal their Haiku and linen forms (through exact parameter
+"""e3kernels.nnx: the six modules equal their Haiku and linen forms (through exact parameter
 conversion), work with NNX's transforms, and train a MACE-style block on energy and forces."""
 
 from __future__ import annotations
+
+import functools
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -402,3 +404,139 @@ def test_batch_norm_refuses_irreps_in_another_order():
     assert bn(normal("0e + 1o + 0e + 1o", 8)).irreps == e3nn.Irreps("0e + 1o + 0e + 1o")
     with pytest.raises(ValueError, match=r"BatchNorm: input has irreps 2x0e\+2x1o; the module was built for"):
         bn(normal("2x0e + 2x1o", 8))
+
+
+# ---- MessagePassingConvolution -----------------------------------------------------------
+
+# irreps_in, irreps_sh, target_irreps, avg_num_neighbors; 4 radial basis functions
+CONV_ARGS = ("8x0e + 8x1o", "0e + 1o + 2e", "0e + 1o + 2e", 2.5)
+HAIKU_CONV = "message_passing_convolution/multi_layer_perceptron"
+
+
+def conv_model(**kwargs):
+    return e3kernels.nnx.MessagePassingConvolution(
+        *CONV_ARGS, num_radial_basis=4, radial_neurons=(8,), backend="reference", **kwargs, rngs=nnx.Rngs(0))
+
+
+def haiku_conv():
+    return hk.without_apply_rng(hk.transform(lambda *a: e3kernels.haiku.MessagePassingConvolution(
+        CONV_ARGS[2], CONV_ARGS[3], radial_neurons=(8,), backend="reference")(*a)))
+
+
+def linen_conv():
+    return e3kernels.flax.MessagePassingConvolution(CONV_ARGS[2], CONV_ARGS[3], radial_neurons=(8,),
+                                                    backend="reference")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compile, not op by op
+def conv_inputs(nodes=6, edges=15):
+    keys = jax.random.split(jax.random.PRNGKey(11), 4)
+    x = e3nn.normal(CONV_ARGS[0], KEY, (nodes,))
+    sh = e3nn.spherical_harmonics(CONV_ARGS[1], jax.random.normal(keys[0], (edges, 3)), normalize=True)
+    radial = jax.random.normal(keys[1], (edges, 4))
+    senders = jax.random.randint(keys[2], (edges,), 0, nodes)
+    receivers = jax.random.randint(keys[3], (edges,), 0, nodes)
+    return x, sh, radial, senders, receivers
+
+
+def test_message_passing_convolution_equals_haiku_and_linen():
+    model = conv_model()
+    args = conv_inputs()
+    params, state = e3kernels.nnx.to_haiku(model)
+    assert state == {} and sorted(params) == [f"{HAIKU_CONV}/linear_0", f"{HAIKU_CONV}/linear_1"]
+    assert params[f"{HAIKU_CONV}/linear_1"]["w"].shape == (8, 7 * 8)  # 7 paths x 8 channels
+    graphdef, nnx_params = nnx.split(model, nnx.Param)
+    x, rest = args[0], args[1:]
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), (6, model.irreps_out.dim))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_grads(apply, p, x):
+        def loss(p, x):
+            out = apply(p, x, *rest).array
+            return jnp.sum(out * cotangent) + 0.1 * jnp.sum(out**2)
+        return apply(p, x, *rest), jax.grad(loss, argnums=(0, 1))(p, x)
+
+    out, (grad_p, grad_x) = value_and_grads(lambda p, *a: nnx.merge(graphdef, p)(*a), nnx_params, x)
+    expected, (haiku_grad_p, haiku_grad_x) = value_and_grads(haiku_conv().apply, params, x)
+    assert out.irreps == expected.irreps == model.irreps_out == e3nn.Irreps("16x0e + 24x1o + 16x2e")
+    assert_close(out, expected)
+    assert_trees_close(e3kernels.nnx.to_haiku(_with(model, grad_p))[0], haiku_grad_p)
+    assert_close(grad_x, haiku_grad_x)
+    assert_close(jax.jit(linen_conv().apply)(e3kernels.nnx.to_linen(model), *args), expected)
+    assert_close(model(x.array, rest[0].array, *rest[1:]), expected)  # raw arrays of the irreps
+
+
+class _Interaction(nnx.Module):
+    def __init__(self):
+        self.conv = conv_model()
+
+
+def test_message_passing_convolution_conversion_round_trips():
+    model = conv_model()  # first: it builds the convolution's plan outside any trace
+    args = conv_inputs()
+    params = jax.jit(haiku_conv().init)(jax.random.PRNGKey(1), *args)
+    e3kernels.nnx.load_haiku(model, params)
+    assert_trees_close(e3kernels.nnx.to_haiku(model)[0], params, 0, 0)
+    variables = jax.jit(linen_conv().init)(jax.random.PRNGKey(2), *args)
+    assert sorted(variables["params"]) == ["MultiLayerPerceptron_0"]
+    e3kernels.nnx.load_linen(model, variables)
+    assert_trees_close(e3kernels.nnx.to_linen(model), variables, 0, 0)
+    # in a larger model: under the convolution's path, or the name `names` gives it
+    nested = _Interaction()
+    assert sorted(e3kernels.nnx.to_haiku(nested)[0]) == [f"conv/multi_layer_perceptron/linear_{k}"
+                                                         for k in range(2)]
+    assert sorted(e3kernels.nnx.to_linen(nested)["params"]["conv"]) == ["MultiLayerPerceptron_0"]
+    renamed = {k.replace("message_passing_convolution", "block/~/conv"): v for k, v in params.items()}
+    e3kernels.nnx.load_haiku(nested, renamed, names={"conv": "block/~/conv"})
+    assert_trees_close(e3kernels.nnx.to_haiku(nested, names={"conv": "block/~/conv"})[0], renamed, 0, 0)
+    assert sorted(e3kernels.nnx.to_haiku(nested, names={"conv/radial_mlp": "radial"})[0]) == [
+        "radial/linear_0", "radial/linear_1"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(irreps_in="8x0e + 4x1o"), r"irreps_in must have the same multiplicity \(channels\) for every"),
+    (dict(target_irreps="3e"), r"no irrep of target_irreps=1x3e is in irreps_in x irreps_sh"),
+    (dict(avg_num_neighbors=0), r"avg_num_neighbors must be a positive finite number"),
+    (dict(num_radial_basis=0), r"num_radial_basis must be a positive int"),
+    (dict(radial_neurons=(8, 0)), r"radial_neurons must be positive ints"),
+])
+def test_message_passing_convolution_argument_errors(change, match):
+    kwargs = dict(zip(("irreps_in", "irreps_sh", "target_irreps", "avg_num_neighbors"), CONV_ARGS),
+                  num_radial_basis=4, radial_neurons=(8,))
+    with pytest.raises(ValueError, match="MessagePassingConvolution: " + match):
+        e3kernels.nnx.MessagePassingConvolution(**{**kwargs, **change}, rngs=nnx.Rngs(0))
+
+
+def test_message_passing_convolution_call_errors():
+    model = conv_model()
+    x, sh, radial, senders, receivers = conv_inputs()
+    unequal = e3nn.concatenate([x, normal("3x0e", 6)])
+    with pytest.raises(ValueError, match=r"MessagePassingConvolution: node_feats has irreps "
+                                         r"8x0e\+8x1o\+3x0e; the module was built for 8x0e\+8x1o"):
+        model(unequal, sh, radial, senders, receivers)
+    with pytest.raises(ValueError, match=r"MessagePassingConvolution: edge_sh has irreps 1x0e\+1x1o; "):
+        model(x, sh.filter("0e + 1o"), radial, senders, receivers)
+    with pytest.raises(ValueError, match=r"MessagePassingConvolution: radial_embedding must have shape "
+                                         r"\(num_edges, num_radial_basis\) = \(15, 4\); got \(15, 3\)"):
+        model(x, sh, radial[:, :3], senders, receivers)
+    with pytest.raises(ValueError, match=r"MessagePassingConvolution: a raw array input must have a last "
+                                         r"axis of irreps_in.dim = 32"):
+        model(x.array[:, :8], sh, radial, senders, receivers)
+
+
+def test_message_passing_convolution_bfloat16():
+    bf16 = lambda a: a.astype(jnp.bfloat16)
+    model16 = conv_model(param_dtype=jnp.bfloat16)
+    args = conv_inputs()
+    args16 = tuple(map(bf16, args[:3])) + args[3:]
+    assert model16.radial_mlp.layers[0].kernel.dtype == jnp.bfloat16
+    apply = nnx.jit(lambda m, *a: m(*a))
+    y16 = apply(model16, *args16)
+    assert y16.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y16.array)))
+    # the same parameters in float32 promote bfloat16 inputs, as nnx.Linear does
+    model = conv_model()
+    nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float32), nnx.state(model16, nnx.Param)))
+    y = apply(model, *args16)
+    assert y.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(y.array)))
+    assert_close(y16.array.astype(jnp.float32), y, 0, 0.05 * scale)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import e3nn_jax as e3nn
@@ -184,4 +184,78 @@ class SymmetricTensorProduct(nn.Module):
             x,
             lambda name, shape, dtype: self.param(name, self.param_init, shape, dtype),
             self.backend,
+        )
+
+
+class MessagePassingConvolution(nn.Module):
+    r"""Message passing with a radial network, as MACE's and NequIP's interactions do: the
+    linen form of ``e3kernels.haiku.MessagePassingConvolution``, on the fused op
+    (:func:`e3kernels.ops.equivariant_convolution`, edge messages never materialised).
+
+    For node features ``node_feats`` (``C`` channels of each irrep, e.g.
+    ``128x0e + 128x1o``), edge spherical harmonics ``edge_sh`` and a radial embedding of
+    the edge lengths, it computes::
+
+        msg = e3nn.tensor_product(node_feats[senders], edge_sh, filter_ir_out=target_irreps)
+        mix = e3nn.flax.MultiLayerPerceptron(
+            tuple(radial_neurons) + (msg.irreps.num_irreps,), activation, output_activation=False
+        )(radial_embedding)
+        out = e3nn.scatter_sum(msg * mix, dst=receivers, output_size=num_nodes) / avg_num_neighbors
+
+    The only parameters are the radial network's, a :class:`MultiLayerPerceptron`
+    submodule ``MultiLayerPerceptron_0`` (``Dense_{k}/kernel``, as e3nn's linen MLP); its
+    layer ``k`` is the Haiku module's ``multi_layer_perceptron/linear_{k}`` ``w``, and the
+    numbers are the Haiku module's for the same values.
+
+    Fields: ``target_irreps`` (the irreps the messages keep, multiplicities ignored),
+    ``avg_num_neighbors`` (the sum over edges is divided by it), ``radial_neurons`` (the
+    radial network's hidden sizes), ``activation`` (its activation, normalised as in
+    e3nn's MLP) and ``backend`` (``"auto"``, ``"reference"``, ``"pallas"`` or ``None``).
+
+    Called as ``(node_feats, edge_sh, radial_embedding, senders, receivers)``:
+    ``node_feats`` an ``IrrepsArray`` ``(N, C x irreps)``, ``edge_sh`` an ``IrrepsArray``
+    ``(E, irreps_sh)``, ``radial_embedding`` ``(E, num_basis)`` scalars (an array or an
+    ``IrrepsArray``), ``senders`` and ``receivers`` ``(E,)`` node indices.
+
+    >>> import e3kernels, e3nn_jax as e3nn, jax, jax.numpy as jnp
+    >>> conv = e3kernels.flax.MessagePassingConvolution("0e + 1o", 2.0, radial_neurons=(16,))
+    >>> x = e3nn.normal("8x0e + 8x1o", jax.random.PRNGKey(0), (5,))
+    >>> vectors = jax.random.normal(jax.random.PRNGKey(1), (12, 3))
+    >>> sh = e3nn.spherical_harmonics("0e + 1o + 2e", vectors, normalize=True)
+    >>> radial = jnp.ones((12, 4))
+    >>> senders, receivers = jnp.arange(12) % 5, (jnp.arange(12) + 1) % 5
+    >>> variables = conv.init(jax.random.PRNGKey(2), x, sh, radial, senders, receivers)
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'MultiLayerPerceptron_0': {'Dense_0': {'kernel': (4, 16)}, 'Dense_1': {'kernel': (16, 40)}}}
+    >>> conv.apply(variables, x, sh, radial, senders, receivers).irreps
+    16x0e+24x1o
+    """
+
+    target_irreps: Any
+    avg_num_neighbors: float
+    radial_neurons: Sequence[int] = (64, 64, 64)
+    activation: Callable | None = jax.nn.silu
+    backend: str | None = None
+
+    def __post_init__(self):
+        _layers.checked_target_irreps(self.target_irreps)
+        _layers.checked_avg_num_neighbors(self.avg_num_neighbors)
+        _layers.check_radial_options(self.radial_neurons)
+        _backend.validate_optional_backend(self.backend)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, node_feats, edge_sh, radial_embedding, senders, receivers) -> e3nn.IrrepsArray:
+        """Returns an ``IrrepsArray`` ``(N, irreps_out)``: per message irrep, ``C`` channels
+        per tensor product path (e3nn's layout)."""
+
+        def edge_weights(num_outputs: int) -> jax.Array:
+            neurons = _layers.check_radial_options(self.radial_neurons) + (num_outputs,)
+            mlp = MultiLayerPerceptron(neurons, self.activation, output_activation=False)
+            return mlp(radial_embedding)
+
+        return _layers.message_passing_convolution(
+            _layers.checked_target_irreps(self.target_irreps),
+            _layers.checked_avg_num_neighbors(self.avg_num_neighbors),
+            node_feats, edge_sh, senders, receivers, edge_weights, self.backend,
         )

@@ -1,7 +1,8 @@
 """Flax NNX modules: ``Linear`` (every call form), ``MultiLayerPerceptron``, ``BatchNorm``,
-``Dropout`` and ``SymmetricTensorProduct`` (species-indexed weights included), with the
-numbers of the Haiku and linen modules, and exact parameter conversion between the three
-frameworks (:func:`load_haiku`, :func:`to_haiku`, :func:`load_linen`, :func:`to_linen`).
+``Dropout``, ``SymmetricTensorProduct`` (species-indexed weights included) and
+``MessagePassingConvolution``, with the numbers of the Haiku and linen modules, and exact
+parameter conversion between the three frameworks (:func:`load_haiku`, :func:`to_haiku`,
+:func:`load_linen`, :func:`to_linen`).
 
 NNX creates parameters eagerly, so each module takes its input irreps (and the sizes its
 parameters depend on) in the constructor, with keyword-only ``rngs: nnx.Rngs``, ``dtype``
@@ -10,7 +11,14 @@ parameters depend on) in the constructor, with keyword-only ``rngs: nnx.Rngs``, 
 """
 
 from e3kernels.nnx.convert import load_haiku, load_linen, to_haiku, to_linen
-from e3kernels.nnx.modules import BatchNorm, Dropout, Linear, MultiLayerPerceptron, SymmetricTensorProduct
+from e3kernels.nnx.modules import (
+    BatchNorm,
+    Dropout,
+    Linear,
+    MessagePassingConvolution,
+    MultiLayerPerceptron,
+    SymmetricTensorProduct,
+)
 
 __all__ = [
     "Linear",
@@ -18,6 +26,7 @@ __all__ = [
     "BatchNorm",
     "Dropout",
     "SymmetricTensorProduct",
+    "MessagePassingConvolution",
     "load_haiku",
     "to_haiku",
     "load_linen",

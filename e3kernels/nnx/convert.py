@@ -15,6 +15,11 @@ BatchNorm              ``weights, biases``         ``params[mod][weight, bias]``
 BatchNorm statistics   ``mean, var``               ``state[mod][running_mean, …]``   ``batch_stats/…/mean, …``
 =====================  ==========================  ================================  ========================
 
+A ``MessagePassingConvolution`` holds a ``MultiLayerPerceptron``, ``radial_mlp``, whose
+place is under the convolution's: ``{conv}/multi_layer_perceptron`` in Haiku,
+``{conv}/MultiLayerPerceptron_0`` in linen (``names`` may map the convolution's NNX path,
+or the network's own, ``"conv/radial_mlp"``).
+
 Values are copied exactly (same dtype, no arithmetic). Every leaf of the source tree must
 land in the model and every variable of the model's e3kernels modules must be found;
 otherwise a ``ValueError`` lists what is missing or left over. Variables of modules that
@@ -51,7 +56,12 @@ _HAIKU_DEFAULT_NAMES = {
     modules.BatchNorm: "batch_norm",
     modules.Dropout: "dropout",
     modules.SymmetricTensorProduct: "symmetric_tensor_product",
+    modules.MessagePassingConvolution: "message_passing_convolution",
 }
+
+# A MessagePassingConvolution's radial network: its NNX attribute, and its module name
+# under the convolution's in Haiku (created in __call__: no "~") and in linen (compact).
+_CONV_MLP = ("radial_mlp", "multi_layer_perceptron", "MultiLayerPerceptron_0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +76,26 @@ def _leaves(model: nnx.Module, names: Mapping[str, str] | None) -> Iterator[_Lea
     """The variables of the e3kernels modules in ``model`` and their places elsewhere."""
     names = dict(names or {})
     found = False
-    for path, module in nnx.iter_modules(model):
+    all_modules = {tuple(path): module for path, module in nnx.iter_modules(model)}
+
+    def places(path: tuple) -> tuple[str, tuple[str, ...]]:
+        """A module's Haiku name and linen path."""
+        nnx_path = "/".join(str(p) for p in path)
+        parent = all_modules.get(path[:-1]) if path else None
+        if (nnx_path not in names and isinstance(parent, modules.MessagePassingConvolution)
+                and path[-1] == _CONV_MLP[0]):
+            haiku_parent, linen_parent = places(path[:-1])
+            return f"{haiku_parent}/{_CONV_MLP[1]}", (*linen_parent, _CONV_MLP[2])
+        default = nnx_path or _HAIKU_DEFAULT_NAMES[type(all_modules[path])]
+        linen_path = tuple(p for p in names.get(nnx_path, nnx_path).split("/") if p)
+        return names.get(nnx_path, default), linen_path
+
+    for path, module in all_modules.items():
         if type(module) not in _HAIKU_DEFAULT_NAMES:
             continue
         found = True
         nnx_path = "/".join(str(p) for p in path)
-        default = nnx_path or _HAIKU_DEFAULT_NAMES[type(module)]
-        haiku_name = names.get(nnx_path, default)
-        linen_path = tuple(p for p in names.get(nnx_path, nnx_path).split("/") if p)
+        haiku_name, linen_path = places(path)
         here = f"{nnx_path or '(model)'}"
         if isinstance(module, modules.Linear | modules.SymmetricTensorProduct):
             for key, variable in module.weights.items():

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from e3kernels import _layers
+from e3kernels import _layers, ops
 from e3kernels import backend as _backend
 from e3kernels._e3nn_private import batch_norm, parse_gradient_normalization
 from e3kernels.irreps import symmetric_plan
@@ -504,4 +504,144 @@ class SymmetricTensorProduct(nnx.Module):
         return _layers.symmetric_tensor_product(
             self.orders, self.keep_irrep_out, self.num_indexed_weights, indices, x, get_parameter,
             self.backend,
+        )
+
+
+class MessagePassingConvolution(nnx.Module):
+    r"""Message passing with a radial network, as MACE's and NequIP's interactions do, for
+    NNX: the numbers of ``e3kernels.haiku.MessagePassingConvolution``, on the fused op
+    (:func:`e3kernels.ops.equivariant_convolution`, edge messages never materialised)::
+
+        msg = e3nn.tensor_product(node_feats[senders], edge_sh, filter_ir_out=target_irreps)
+        mix = MultiLayerPerceptron(num_radial_basis, tuple(radial_neurons) + (msg.irreps.num_irreps,),
+                                   activation, output_activation=False)(radial_embedding)
+        out = e3nn.scatter_sum(msg * mix, dst=receivers, output_size=num_nodes) / avg_num_neighbors
+
+    The only parameters are the radial network's, a :class:`MultiLayerPerceptron` in
+    ``self.radial_mlp`` (converted to and from the Haiku module's
+    ``multi_layer_perceptron/linear_{k}`` and the linen module's
+    ``MultiLayerPerceptron_0/Dense_{k}`` by :func:`~e3kernels.nnx.load_haiku` and the
+    others). ``self.irreps_out`` is the output's irreps, for the modules that follow.
+
+    Args:
+      irreps_in: the node features' irreps, the same multiplicity (channels) for each
+        irrep, e.g. ``"128x0e + 128x1o"``.
+      irreps_sh: the edge spherical harmonics' irreps, e.g. ``"0e + 1o + 2e + 3o"``.
+      target_irreps: the irreps the messages keep (multiplicities are ignored).
+      avg_num_neighbors: the sum over edges is divided by it.
+      num_radial_basis: the size of the radial embedding (the radial network's input).
+      radial_neurons: hidden layer sizes of the radial network.
+      activation: its activation (normalised, as in e3nn's MLP).
+      backend: keyword only; ``"auto"``, ``"reference"``, ``"pallas"`` or ``None``.
+      dtype: of the computation; ``None`` promotes the inputs' with ``param_dtype``.
+      param_dtype: of the parameters.
+      rngs: ``nnx.Rngs`` for the parameters' initial values.
+
+    Called as ``(node_feats, edge_sh, radial_embedding, senders, receivers)``:
+    ``node_feats`` ``(N, irreps_in)`` and ``edge_sh`` ``(E, irreps_sh)`` (``IrrepsArray``
+    or raw arrays), ``radial_embedding`` ``(E, num_radial_basis)``, ``senders`` and
+    ``receivers`` ``(E,)`` node indices.
+
+    >>> import e3kernels, e3nn_jax as e3nn, jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> conv = e3kernels.nnx.MessagePassingConvolution(
+    ...     "8x0e + 8x1o", "0e + 1o + 2e", "0e + 1o", 2.0, num_radial_basis=4, radial_neurons=(16,),
+    ...     rngs=nnx.Rngs(0))
+    >>> conv.irreps_out
+    16x0e+24x1o
+    >>> x = e3nn.normal("8x0e + 8x1o", jax.random.PRNGKey(0), (5,))
+    >>> vectors = jax.random.normal(jax.random.PRNGKey(1), (12, 3))
+    >>> sh = e3nn.spherical_harmonics("0e + 1o + 2e", vectors, normalize=True)
+    >>> senders, receivers = jnp.arange(12) % 5, (jnp.arange(12) + 1) % 5
+    >>> conv(x, sh, jnp.ones((12, 4)), senders, receivers).shape
+    (5, 88)
+    """
+
+    def __init__(
+        self,
+        irreps_in: Any,
+        irreps_sh: Any,
+        target_irreps: Any,
+        avg_num_neighbors: float,
+        num_radial_basis: int,
+        radial_neurons: Sequence[int] = (64, 64, 64),
+        activation: Callable | None = jax.nn.silu,
+        *,
+        backend: str | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        name = _layers.MODULE_CONV
+        self.irreps_in = e3nn.Irreps(irreps_in)
+        self.irreps_sh = e3nn.Irreps(irreps_sh)
+        self.target_irreps = _layers.checked_target_irreps(target_irreps)
+        self.avg_num_neighbors = _layers.checked_avg_num_neighbors(avg_num_neighbors)
+        self.radial_neurons = _layers.check_radial_options(radial_neurons)
+        basis = num_radial_basis
+        if not isinstance(basis, int) or isinstance(basis, bool) or basis < 1:
+            raise ValueError(f"{name}: num_radial_basis must be a positive int; got {num_radial_basis!r}")
+        muls = {mul for mul, _ in self.irreps_in}
+        if len(muls) != 1 or 0 in muls:
+            raise ValueError(
+                f"{name}: irreps_in must have the same multiplicity (channels) for every irrep, "
+                f"as '128x0e + 128x1o'; got {self.irreps_in}"
+            )
+        (self.num_channels,) = muls
+        self.num_radial_basis = num_radial_basis
+        self.activation = activation
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.backend = _backend.validate_optional_backend(backend)
+        with jax.ensure_compile_time_eval():  # its table is numbers, also under nnx.vmap or a jit
+            plan = ops.convolution_plan(
+                e3nn.Irreps([(1, ir) for _, ir in self.irreps_in]), self.irreps_sh, self.target_irreps)
+        if plan.num_paths == 0:
+            raise ValueError(
+                f"{name}: no irrep of target_irreps={e3nn.Irreps(self.target_irreps)} is in "
+                f"irreps_in x irreps_sh = {self.irreps_in} x {self.irreps_sh}"
+            )
+        #: the output's irreps: per message irrep, ``C`` channels per tensor product path
+        self.irreps_out = e3nn.Irreps([(mul * self.num_channels, ir) for mul, ir in plan.irreps_out])
+        self.num_radial_outputs = plan.num_paths * self.num_channels
+        self.radial_mlp = MultiLayerPerceptron(
+            num_radial_basis, self.radial_neurons + (self.num_radial_outputs,), activation,
+            output_activation=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+
+    def __call__(self, node_feats, edge_sh, radial_embedding, senders, receivers) -> e3nn.IrrepsArray:
+        """Returns an ``IrrepsArray`` ``(N, irreps_out)`` of the computation's dtype."""
+        name = _layers.MODULE_CONV
+        node_feats = _irreps_array(name, node_feats, self.irreps_in)
+        edge_sh = _irreps_array(name, edge_sh, self.irreps_sh)
+        for argument, value, irreps in (("node_feats", node_feats, self.irreps_in),
+                                        ("edge_sh", edge_sh, self.irreps_sh)):
+            if value.irreps != irreps:
+                raise ValueError(
+                    f"{name}: {argument} has irreps {value.irreps}; the module was built for {irreps}"
+                )
+        if isinstance(radial_embedding, e3nn.IrrepsArray):
+            if not radial_embedding.irreps.is_scalar():
+                raise ValueError(
+                    f"{name}: radial_embedding must be scalars (0e); got irreps {radial_embedding.irreps}")
+            radial_embedding = radial_embedding.array
+        radial_embedding = jnp.asarray(radial_embedding)
+        expected = (edge_sh.shape[0], self.num_radial_basis) if edge_sh.ndim == 2 else None
+        if expected is not None and radial_embedding.shape != expected:
+            raise ValueError(
+                f"{name}: radial_embedding must have shape (num_edges, num_radial_basis) = {expected}; "
+                f"got {radial_embedding.shape}"
+            )
+        dtype = _compute_dtype(
+            self.dtype, jnp.result_type(node_feats.dtype, edge_sh.dtype, radial_embedding.dtype),
+            self.param_dtype)
+        node_feats, edge_sh = node_feats.astype(dtype), edge_sh.astype(dtype)
+
+        def edge_weights(num_outputs: int) -> jax.Array:
+            # num_outputs is self.num_radial_outputs: the irreps were checked above
+            return self.radial_mlp(radial_embedding.astype(dtype)).astype(dtype)
+
+        return _layers.message_passing_convolution(
+            self.target_irreps, self.avg_num_neighbors, node_feats, edge_sh, senders, receivers,
+            edge_weights, self.backend,
         )
