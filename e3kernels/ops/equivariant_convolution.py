@@ -107,7 +107,9 @@ def _kernels():
 
 def _validate(x, sh, weights, senders, receivers, plan: ConvolutionPlan) -> None:
     if not isinstance(plan, ConvolutionPlan):
-        raise TypeError(f"{OP}: plan must be a ConvolutionPlan (ops.convolution_plan); got {type(plan).__name__}")
+        raise TypeError(
+            f"{OP}: plan must be a ConvolutionPlan (ops.convolution_plan); got {type(plan).__name__}"
+        )
     check_array(OP, "x", x, (None, None, plan.dim_in), "f")
     check_array(OP, "sh", sh, (None, plan.dim_sh), "f")
     num_edges, num_channels = sh.shape[0], x.shape[1]
@@ -123,5 +125,7 @@ def checked_average(avg_num_neighbors, where: str = OP) -> float:
     except (TypeError, ValueError):
         value = None
     if value is None or not value > 0 or value == float("inf"):
-        raise ValueError(f"{where}: avg_num_neighbors must be a positive finite number; got {avg_num_neighbors!r}")
+        raise ValueError(
+            f"{where}: avg_num_neighbors must be a positive finite number; got {avg_num_neighbors!r}"
+        )
     return value

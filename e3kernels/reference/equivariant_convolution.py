@@ -65,7 +65,8 @@ def form_partial(partials: Partials, which: int, out_dtype, num_nodes: int, args
 
 
 def _form_partial_fwd(partials, which, out_dtype, num_nodes, args, senders, receivers):
-    return form_partial(partials, which, out_dtype, num_nodes, args, senders, receivers), (args, senders, receivers)
+    out = form_partial(partials, which, out_dtype, num_nodes, args, senders, receivers)
+    return out, (args, senders, receivers)
 
 
 def _form_partial_bwd(partials, which, out_dtype, num_nodes, residuals, cotangent):
@@ -92,7 +93,8 @@ def accumulation_dtype(args) -> jnp.dtype:
 def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: ConvolutionPlan,
                             avg_num_neighbors: float):
     """The op (see :func:`e3kernels.ops.equivariant_convolution`) on the reference."""
-    out = form_partial(ReferencePartials(plan), OUT, x.dtype, x.shape[0], (x, sh, weights, None), senders, receivers)
+    out = form_partial(ReferencePartials(plan), OUT, x.dtype, x.shape[0], (x, sh, weights, None), senders,
+                       receivers)
     return scaled(out, avg_num_neighbors)
 
 
