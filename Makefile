@@ -51,7 +51,7 @@ $(GPU_STAMP): $(BENCH_STAMP)
 gpu-check: $(if $(GPU_PYTHON),,$(GPU_STAMP))
 	$(GPU_RUN) -c 'import jax, sys; d = jax.devices()[0]; print(d.device_kind); sys.exit(d.platform != "gpu")'
 	E3KERNELS_GPU_TESTS=1 $(GPU_RUN) -m pytest -q -p no:cacheprovider tests/gpu
-	$(GPU_RUN) -m bench --workloads indexed_linear,symmetric_contraction $(BENCH_ARGS)
+	$(GPU_RUN) -m bench --workloads indexed_linear,symmetric_contraction,mace $(BENCH_ARGS)
 
 # Without a GPU or TPU: every kernel compiled by Mosaic (TPU v5e, v6e) and by XLA:GPU's
 # Triton pipeline and ptxas (H100, H200); prints registers, spills, shared memory and

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import e3kernels
+from e3kernels.models import mace
 
 SPECIES = 10
 CHANNELS = 128
@@ -240,6 +241,55 @@ def training_step(rows: int, platform: str) -> list[Candidate]:
     return [theirs] + ours
 
 
+# ---- the complete MACE model, trained on energies and forces ------------------------------
+
+#: MACE-M: hidden 128x0e+128x1o, l_max 3, correlation 3, 2 interactions, 10 species
+MACE_CONFIG = dict(num_species=SPECIES, channels=CHANNELS, hidden_irreps=KEEP, l_max=3, num_interactions=2,
+                   correlation=3, r_max=5.0)
+
+
+def _mace_training(name: str, modules: mace.Modules, graph: tuple, avg_num_neighbors: float,
+                   params=None) -> Candidate:
+    """The complete model on a structure: energy and forces (fwd), and the gradient of a
+    loss on both (fwd+bwd), which differentiates twice, as ``_block_training`` does."""
+    model = mace.make_mace(avg_num_neighbors, modules=modules, **MACE_CONFIG)
+    if params is None:
+        params = jax.jit(model.init)(jax.random.PRNGKey(0), *graph)
+    rows = graph[0].shape[0]
+    force_projection = jax.random.normal(jax.random.PRNGKey(12), (rows, 3))
+
+    def energy_forces(params, positions, species, senders, receivers, shifts, projection):
+        return mace.energy_and_forces(model.apply, params, positions, species, senders, receivers, shifts)
+
+    def loss(params, *args):  # fixed random weights on energy and forces (see _loss_grads)
+        energy, forces = energy_forces(params, *args)
+        return 0.3 * energy / rows + jnp.sum(args[-1] * forces) / rows
+
+    return Candidate(name, energy_forces, jax.grad(loss), (params, *graph, force_projection))
+
+
+def mace_model(rows: int, platform: str) -> list[Candidate]:
+    """MACE on a random liquid of ``rows`` atoms, ~30 neighbours each within 5 Å: e3nn-jax's
+    modules; e3kernels' with e3nn-jax's convolution (on the fastest backend here); e3kernels
+    throughout, per backend. One parameter tree for all."""
+    positions, species, cell = mace.random_liquid(rows, neighbors=30, r_max=MACE_CONFIG["r_max"],
+                                                  num_species=SPECIES, seed=0)
+    edges = mace.neighbor_list(positions, cell, MACE_CONFIG["r_max"])
+    graph = tuple(jnp.asarray(a) for a in (positions, species, *edges))
+    avg_num_neighbors = len(edges[0]) / rows
+    theirs = _mace_training("e3nn-jax", mace.E3NN_MODULES, graph, avg_num_neighbors)
+    params = theirs.args[0]
+    backends = e3kernels_backends(platform)
+    fastest = backends[-1]
+    mixed = mace.e3kernels_modules(fastest, e3nn_convolution=True)
+    candidates = [theirs, _mace_training(f"e3kernels {fastest} + e3nn conv", mixed, graph, avg_num_neighbors,
+                                         params)]
+    for backend in backends:
+        candidates.append(_mace_training(f"e3kernels {backend}", mace.e3kernels_modules(backend), graph,
+                                         avg_num_neighbors, params))
+    return candidates
+
+
 def data_parallel(rows: int, platform: str, devices: int) -> list[Candidate]:
     """The block's training step with e3kernels ("auto"): on one device, then with the
     atoms sharded over ``devices`` devices, the same atoms (strong scaling) and
@@ -273,8 +323,14 @@ WORKLOADS = {
     ),
     "indexed_linear": ("Indexed Linear (128x0e+128x1o+128x2e+128x3o, 10 species)", indexed_linear),
     "training_step": (
-        "MACE-style block, energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
+        "One MACE-style block, no convolution (indexed Linear, species-indexed symmetric contraction, "
+        "Linear): energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
         training_step,
+    ),
+    "mace": (
+        "Complete MACE model (2 interactions, 128x0e+128x1o, l_max 3, correlation 3, 10 species; random "
+        "liquid, ~30 neighbours): energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
+        mace_model,
     ),
 }
 
@@ -286,13 +342,14 @@ DATA_PARALLEL = (
 )
 
 # rows per workload: default CPU sizes finish in minutes on 2 cores; GPU sizes are MACE-typical
+# (mace: atoms, with ~30 edges each)
 ROWS = {
     ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "training_step": 200,
-                     "data_parallel": 200},
+                     "mace": 128, "data_parallel": 200},
     ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "training_step": 50,
-                    "data_parallel": 48},
+                    "mace": 32, "data_parallel": 48},
     ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "training_step": 4000,
-                     "data_parallel": 4000},
+                     "mace": 1000, "data_parallel": 4000},
     ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "training_step": 500,
-                    "data_parallel": 496},
+                    "mace": 256, "data_parallel": 496},
 }

@@ -322,6 +322,6 @@ def test_message_passing_convolution_argument_errors(kwargs, match):
 def test_message_passing_convolution_needs_equal_multiplicities():
     x, *rest = conv_inputs()
     x = e3nn.concatenate([x, normal("3x0e", 6)])  # 8x0e + 8x1o + 3x0e
-    with pytest.raises(ValueError, match=r"MessagePassingConvolution: node_feats must have the same "
+    with pytest.raises(ValueError, match=r"MessagePassingConvolution: node_feats must have the same nonzero "
                                          r"multiplicity \(channels\) for every irrep"):
         e3kernels.flax.MessagePassingConvolution(**CONV).init(KEY, x, *rest)

@@ -224,7 +224,7 @@ class MessagePassingConvolution(nn.Module):
     >>> sh = e3nn.spherical_harmonics("0e + 1o + 2e", vectors, normalize=True)
     >>> radial = jnp.ones((12, 4))
     >>> senders, receivers = jnp.arange(12) % 5, (jnp.arange(12) + 1) % 5
-    >>> variables = conv.init(jax.random.PRNGKey(2), x, sh, radial, senders, receivers)
+    >>> variables = jax.jit(conv.init)(jax.random.PRNGKey(2), x, sh, radial, senders, receivers)
     >>> jax.tree.map(jnp.shape, variables["params"])
     {'MultiLayerPerceptron_0': {'Dense_0': {'kernel': (4, 16)}, 'Dense_1': {'kernel': (16, 40)}}}
     >>> conv.apply(variables, x, sh, radial, senders, receivers).irreps

@@ -58,7 +58,7 @@ class MessagePassingConvolution(hk.Module):
     >>> sh = e3nn.spherical_harmonics("0e + 1o + 2e", vectors, normalize=True)
     >>> radial = jnp.ones((12, 4))
     >>> senders, receivers = jnp.arange(12) % 5, (jnp.arange(12) + 1) % 5
-    >>> params = conv.init(jax.random.PRNGKey(2), x, sh, radial, senders, receivers)
+    >>> params = jax.jit(conv.init)(jax.random.PRNGKey(2), x, sh, radial, senders, receivers)
     >>> conv.apply(params, x, sh, radial, senders, receivers).irreps
     16x0e+24x1o
     """
