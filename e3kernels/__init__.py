@@ -3,11 +3,14 @@
 Public surface:
 
 * :mod:`e3kernels.haiku`: ``Linear``, ``MultiLayerPerceptron``, ``BatchNorm``, ``Dropout``,
-  ``SymmetricTensorProduct`` (drop-in for ``e3nn_jax.haiku``);
-* :mod:`e3kernels.flax`: the same five for Flax linen (drop-in for ``e3nn_jax.flax``);
-* :mod:`e3kernels.nnx`: the same five for Flax NNX, and parameter conversion between the
+  ``SymmetricTensorProduct`` (drop-in for ``e3nn_jax.haiku``), and
+  ``MessagePassingConvolution`` (MACE's and NequIP's message passing);
+* :mod:`e3kernels.flax`: the same six for Flax linen (drop-in for ``e3nn_jax.flax``);
+* :mod:`e3kernels.nnx`: the same six for Flax NNX, and parameter conversion between the
   three frameworks (imported on first use: Flax is needed only for these two);
-* :mod:`e3kernels.ops`: the functional ops ``indexed_linear``, ``symmetric_contraction``;
+* :mod:`e3kernels.ops`: the functional ops ``indexed_linear``, ``symmetric_contraction``,
+  ``equivariant_convolution``;
+* :mod:`e3kernels.models`: a complete MACE potential on these modules, and its data helpers;
 * backend selection: :func:`set_backend`, :func:`use_backend`, :func:`get_backend`
   (see :mod:`e3kernels.backend`);
 * :func:`gpu_target`: the GPU to lower CUDA kernels for on a host without one.

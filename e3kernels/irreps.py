@@ -317,10 +317,11 @@ def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *,
 @functools.cache
 def _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization) -> ConvolutionPlan:
     # e3nn's tensor product of the basis vectors of both inputs is the table itself; computed
-    # eagerly even when the plan is first built inside a trace (jit, eval_shape, a Haiku init)
-    with jax.ensure_compile_time_eval():
-        eye_in = e3nn.IrrepsArray(irreps_in, np.eye(irreps_in.dim, dtype=np.float32))
-        eye_sh = e3nn.IrrepsArray(irreps_sh, np.eye(irreps_sh.dim, dtype=np.float32))
+    # eagerly even when the plan is first built inside a trace (jit, eval_shape, a Haiku init),
+    # and in float64, so that float64 convolutions are exact to float64 round-off
+    with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+        eye_in = e3nn.IrrepsArray(irreps_in, np.eye(irreps_in.dim, dtype=np.float64))
+        eye_sh = e3nn.IrrepsArray(irreps_sh, np.eye(irreps_sh.dim, dtype=np.float64))
         product = e3nn.tensor_product(
             eye_in[:, None, :], eye_sh[None, :, :], filter_ir_out=filter_ir_out,
             irrep_normalization=irrep_normalization,
@@ -330,7 +331,7 @@ def _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization) 
     for mul, ir in product.irreps:
         for _ in range(mul):
             path_of_column.extend([len(set(path_of_column))] * ir.dim)
-    table = np.where(np.abs(table) < 1e-6, 0.0, table)  # e3nn's float32 round-off of exact zeros
+    table = np.where(np.abs(table) < 1e-12, 0.0, table)  # round-off of exact zeros
     return ConvolutionPlan(
         irreps_in, irreps_sh, filter_ir_out, irrep_normalization, product.irreps,
         tuple(path_of_column), table,

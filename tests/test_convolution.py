@@ -448,3 +448,13 @@ def test_module_first_used_inside_jit():
         "1e + 3e", 2.0, (4,))(x, sh, r, *edges)))
     params = jax.jit(f.init)(jax.random.PRNGKey(2), x, sh, jnp.ones((5, 3)))
     assert jax.jit(f.apply)(params, x, sh, jnp.ones((5, 3))).irreps == "6x1e+3x3e"
+
+
+def test_float64_equals_e3nn_in_float64():
+    """The plan's table is e3nn's in float64: float64 convolutions are exact to float64."""
+    with jax.enable_x64(True):
+        plan = ops.convolution_plan(*PLANS[0])
+        g = Graph(plan, dtype=jnp.float64)
+        expected = e3nn_formulation(g.x, g.sh, g.weights, *g.edges, plan, 2.5)
+        out = ops.equivariant_convolution(g.x, g.sh, g.weights, *g.edges, plan, avg_num_neighbors=2.5)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-12, atol=1e-12)
