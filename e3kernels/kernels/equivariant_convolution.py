@@ -30,7 +30,15 @@ import numpy as np
 
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig
-from e3kernels.reference.equivariant_convolution import OUT, SH, WEIGHTS, X, form_partial, scaled
+from e3kernels.reference.equivariant_convolution import (
+    OUT,
+    WEIGHTS,
+    X,
+    form_partial,
+    has_no_work,
+    partial_shape,
+    scaled,
+)
 
 TRITON = KernelConfig("triton")
 TRITON_INTERPRET = KernelConfig("triton", interpret=True)
@@ -88,17 +96,8 @@ class KernelPartials:
         family = {"triton": _convolution_triton, "mosaic": _convolution_mosaic}[self.config.family]
         x, sh, weights, g = args
         plan, config = self.plan, self.config
-        num_channels = next(a.shape[-1] if k == WEIGHTS else a.shape[1]
-                            for k, a in ((X, x), (WEIGHTS, weights), (OUT, g)) if a is not None)
-        num_edges = senders.shape[0]
-        shape = {
-            X: (num_nodes, num_channels, plan.dim_in),
-            SH: (num_edges, plan.dim_sh),
-            WEIGHTS: (num_edges, plan.num_paths, num_channels),
-            OUT: (num_nodes, num_channels, plan.dim_out),
-        }[which]
-        if num_edges == 0 or num_channels == 0 or num_nodes == 0:
-            return jnp.zeros(shape, out_dtype)
+        if has_no_work(args, senders, num_nodes):
+            return jnp.zeros(partial_shape(plan, which, args, senders.shape[0], num_nodes), out_dtype)
         senders, receivers = senders.astype(jnp.int32), receivers.astype(jnp.int32)
         if which == OUT:
             return family.node_partial(plan, OUT, x, sh, weights, senders, receivers, out_dtype,

@@ -102,6 +102,26 @@ def scaled(out, avg_num_neighbors: float):
     return out if avg_num_neighbors == 1.0 else (out * (1.0 / avg_num_neighbors)).astype(out.dtype)
 
 
+def partial_shape(plan: ConvolutionPlan, which: int, args, num_edges: int, num_nodes: int) -> tuple[int, ...]:
+    """The shape of ``dF / d args[which]`` (``args`` as in :class:`Partials`)."""
+    x, _, weights, g = args
+    num_channels = next(a.shape[-1] if k == WEIGHTS else a.shape[1]
+                        for k, a in ((X, x), (WEIGHTS, weights), (OUT, g)) if a is not None)
+    return {
+        X: (num_nodes, num_channels, plan.dim_in),
+        SH: (num_edges, plan.dim_sh),
+        WEIGHTS: (num_edges, plan.num_paths, num_channels),
+        OUT: (num_nodes, num_channels, plan.dim_out),
+    }[which]
+
+
+def has_no_work(args, senders, num_nodes: int) -> bool:
+    """No edge, no node or no channel: every partial is zero."""
+    x, _, weights, g = args
+    channels = x.shape[1] if x is not None else g.shape[1]
+    return senders.shape[0] == 0 or num_nodes == 0 or channels == 0
+
+
 class ReferencePartials:
     """The form's partials over blocks of edges (see the module's docstring)."""
 
@@ -119,16 +139,10 @@ class ReferencePartials:
         acc = accumulation_dtype(args)
         x, sh, weights, g = (None if a is None else a.astype(acc) for a in args)
         num_edges = senders.shape[0]
-        num_channels = next(a.shape[-1] if k == WEIGHTS else a.shape[1]
-                            for k, a in ((X, x), (WEIGHTS, weights), (OUT, g)) if a is not None)
-        out_shape = {
-            X: (num_nodes, num_channels, plan.dim_in),
-            SH: (num_edges, plan.dim_sh),
-            WEIGHTS: (num_edges, plan.num_paths, num_channels),
-            OUT: (num_nodes, num_channels, plan.dim_out),
-        }[which]
-        if num_edges == 0 or num_channels == 0 or num_nodes == 0:
+        out_shape = partial_shape(plan, which, args, num_edges, num_nodes)
+        if has_no_work(args, senders, num_nodes):
             return jnp.zeros(out_shape, out_dtype)
+        num_channels = (x if x is not None else g).shape[1]
         block = max(8, _BLOCK_ELEMENTS // (num_channels * max(plan.dim_out, plan.dim_in)))
         block = min(block, num_edges)
         num_blocks = -(-num_edges // block)
