@@ -99,7 +99,7 @@ class _Gather:
 
 
 def _harmonic_columns(sh_ref, rows, columns, dim_sh):
-    used = sorted({j for _, _, terms in columns for _, j, _ in terms})
+    used = _kernels().used_harmonics(columns)
     shape = (SUBLANES, LANES)
     sh = {j: jnp.broadcast_to(sh_ref[rows, pl.ds(j, 1)], shape) for j in used}
     valid = jnp.broadcast_to(sh_ref[rows, pl.ds(dim_sh, 1)], shape) > 0
@@ -177,7 +177,7 @@ def _node_kernel(group_ref, first_ref, count_ref, source_ref, nodes_hbm, sh_ref,
         gathered = lambda column: buffer[rows, column, :]
         weight = lambda p: weights_ref[p, rows, :]
         if which == OUT:
-            used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+            used = _kernels().used_inputs(columns)
             xs = {i: gathered(i) for i in used}
             totals = {q: _term_sum(terms, xs, sh) * weight(p) for q, p, terms in columns}
         else:
@@ -250,7 +250,7 @@ def _weights_kernel(sender_ref, receiver_ref, x_hbm, g_hbm, sh_ref, out_ref, x_b
                     g_sems, *, columns, num_paths, dim_sh, row_block):
     def slab(rows):
         sh, valid = _harmonic_columns(sh_ref, rows, columns, dim_sh)
-        used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+        used = _kernels().used_inputs(columns)
         xs = {i: x_buffer[rows, i, :] for i in used}
         sums = {}
         for q, p, terms in columns:
@@ -308,7 +308,7 @@ def _sh_kernel(sender_ref, receiver_ref, x_hbm, g_hbm, weights_ref, valid_ref, o
                x_sems, g_sems, *, columns, dim_sh, row_block):
     def slab(rows):
         valid = jnp.broadcast_to(valid_ref[rows, :], (SUBLANES, LANES)) > 0
-        used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+        used = _kernels().used_inputs(columns)
         xs = {i: x_buffer[rows, i, :] for i in used}
         sums = {}
         for q, p, terms in columns:
@@ -323,3 +323,10 @@ def _sh_kernel(sender_ref, receiver_ref, x_hbm, g_hbm, weights_ref, valid_ref, o
     with _Gather(sender_ref, x_hbm, x_buffer, x_sems, row_block), \
             _Gather(receiver_ref, g_hbm, g_buffer, g_sems, row_block):
         _for_each_slab(row_block, slab)
+
+
+def _kernels():
+    """The op's kernel module (imported late: it imports this one)."""
+    from e3kernels.kernels import equivariant_convolution
+
+    return equivariant_convolution

@@ -72,7 +72,7 @@ class _EdgeTile:
 
 
 def _harmonics(tile: _EdgeTile, sh_ref, columns) -> dict:
-    used = sorted({j for _, _, terms in columns for _, j, _ in terms})
+    used = _kernels().used_harmonics(columns)
     return {j: tile.harmonic(sh_ref, j) for j in used}
 
 
@@ -159,7 +159,7 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
                 return weight[p]
 
             if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
-                used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+                used = _kernels().used_inputs(columns)
                 xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
                 for q, p, terms in columns:
                     message = _term_sum(terms, xs, sh, shape) * path_weight(p)
@@ -236,7 +236,7 @@ def _weights_kernel(senders_ref, receivers_ref, x_ref, sh_ref, g_ref, out_ref, *
     tile, senders, receivers, both = _edge_tile(num_edges, num_channels, channel_block, num_nodes,
                                                 senders_ref, receivers_ref)
     shape = (EDGE_BLOCK, channel_block)
-    used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+    used = _kernels().used_inputs(columns)
     xs = {i: tile.node_column(x_ref, senders, both, i) for i in used}
     sh = _harmonics(tile, sh_ref, columns)
     sums = {}
@@ -282,7 +282,7 @@ def _sh_kernel(senders_ref, receivers_ref, x_ref, weights_ref, g_ref, out_ref, *
                num_edges, num_channels, channel_block):
     tile, senders, receivers, both = _edge_tile(num_edges, num_channels, channel_block, num_nodes,
                                                 senders_ref, receivers_ref)
-    used = sorted({i for _, _, terms in columns for i, _, _ in terms})
+    used = _kernels().used_inputs(columns)
     xs = {i: tile.node_column(x_ref, senders, both, i) for i in used}
     sums = {}
     weight = {}
@@ -303,3 +303,10 @@ def _sh_kernel(senders_ref, receivers_ref, x_ref, weights_ref, g_ref, out_ref, *
     for j in range(dim_sh):
         value = sums.get(j, jnp.zeros((EDGE_BLOCK,), jnp.float32))
         plgpu.store(out_ref.at[tile.edges, block, jnp.int32(j)], value, mask=tile.edge_ok)
+
+
+def _kernels():
+    """The op's kernel module (imported late: it imports this one)."""
+    from e3kernels.kernels import equivariant_convolution
+
+    return equivariant_convolution

@@ -78,6 +78,16 @@ def column_terms(plan: ConvolutionPlan) -> tuple[tuple[int, int, tuple[tuple[int
     return tuple(columns)
 
 
+def used_inputs(columns) -> list[int]:
+    """The input columns ``i`` that terms of ``columns`` (:func:`column_terms`) read."""
+    return sorted({i for _, _, terms in columns for i, _, _ in terms})
+
+
+def used_harmonics(columns) -> list[int]:
+    """The spherical harmonic columns ``j`` that terms of ``columns`` read."""
+    return sorted({j for _, _, terms in columns for _, j, _ in terms})
+
+
 class KernelPartials:
     """The form's partials on one kernel family (see the module's docstring)."""
 
