@@ -58,9 +58,16 @@ class RowTiles(NamedTuple):
         return jnp.where(offset < (self.end - self.start)[:, None], position, num_rows).reshape(-1)
 
 
+def in_range(indices: jax.Array, size: int) -> jax.Array:
+    """Where ``indices`` address one of ``size`` rows: the one rule of every op and kernel
+    (a traced out-of-range index drops its row or edge). Evaluate it before any cast that
+    could wrap. Works on arrays inside Pallas kernels too."""
+    return (indices >= 0) & (indices < size)
+
+
 def group_rows(indices: jax.Array, num_groups: int) -> Grouping:
     """Sort rows by index; out-of-range indices go to the extra group ``num_groups``."""
-    valid = (indices >= 0) & (indices < num_groups)  # before any cast that could wrap
+    valid = in_range(indices, num_groups)
     groups = jnp.where(valid, indices, num_groups).astype(jnp.int32)
     order = jnp.argsort(groups, stable=True).astype(jnp.int32)
     bounds = jnp.searchsorted(
@@ -99,6 +106,43 @@ def tile_schedule(grouping: Grouping, tile_rows: int) -> RowTiles:
         end=jnp.where(used, end, num_rows).astype(jnp.int32),
         slot=slot,
     )
+
+
+def tile_summary(tiles: RowTiles, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """``(first, bounds)``, each ``(num_groups + 2,)`` int32: group ``g``'s tiles are
+    ``first[g]`` to ``first[g + 1]`` and its rows the sorted positions ``bounds[g]`` to
+    ``bounds[g + 1]`` (``g = S``: the invalid rows; ``first[S + 1]``: the tiles in use).
+
+    The schedule in a size that grows with the groups, not with the rows: what a Mosaic
+    kernel keeps in SMEM (1 MiB), reading each tile back with :func:`locate_tile`.
+    """
+    num_tiles_, num_rows = tiles.group.shape[0], tiles.slot.shape[0]
+    groups = jnp.arange(num_groups + 1, dtype=tiles.group.dtype)
+    first = jnp.searchsorted(tiles.group, groups, side="left").astype(jnp.int32)
+    first = jnp.concatenate([first, jnp.sum(tiles.end > tiles.start, dtype=jnp.int32)[None]])
+    # a group's first tile starts at its first row; an empty or unused one at its successor's
+    starts = tiles.start[jnp.minimum(first, max(num_tiles_ - 1, 0))] if num_tiles_ else first
+    bounds = jnp.where(first < num_tiles_, starts, num_rows).astype(jnp.int32)
+    return first, bounds
+
+
+def locate_tile(first, bounds, tile, tile_rows: int):
+    """``(group, count)`` of tile ``tile`` from :func:`tile_summary`'s arrays: its group
+    (``S`` for invalid rows and unused tiles) and its number of rows, as in
+    :func:`tile_schedule`. Scalar code, a binary search over the ``S + 2`` entries: ``first``
+    and ``bounds`` may be SMEM refs, read in a kernel or its index maps."""
+    size = first.shape[0]
+    group = jnp.int32(0)  # the last group whose first tile is <= tile (first[0] == 0)
+    step = 1 << max(size - 1, 1).bit_length() - 1
+    while step:
+        candidate = group + step
+        later = first[jnp.minimum(candidate, size - 1)] <= tile
+        group = jnp.where((candidate < size) & later, candidate, group)
+        step //= 2
+    group = jnp.minimum(group, size - 2)
+    start = bounds[group] + (tile - first[group]) * tile_rows
+    count = jnp.clip(bounds[group + 1] - start, 0, tile_rows)
+    return group, count
 
 
 def one_hot_groups(groups: jax.Array, num_groups: int) -> jax.Array:

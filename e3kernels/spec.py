@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from e3kernels.grouping import in_range
 from e3kernels.irreps import ConvolutionPlan, LinearPlan, SymmetricPlan
 
 
@@ -36,7 +37,7 @@ def indexed_linear(x, weights: Sequence, biases: Sequence, indices, plan: Linear
     params = tuple(weights) + tuple(biases)
     acc = accumulation_dtype(x, *params)
     num_sets = params[0].shape[0] if params else 1
-    valid = (indices >= 0) & (indices < num_sets)
+    valid = in_range(indices, num_sets)
     safe = jnp.clip(indices, 0, max(num_sets - 1, 0))
     n = x.shape[0]
     out = jnp.zeros((n, plan.dim_out), acc)
@@ -75,7 +76,7 @@ def symmetric_contraction(x, weights: Sequence, plan: SymmetricPlan, indices=Non
             t = jnp.einsum("nc...ji,ncj->nc...i", t, xa, precision="highest")
         out = out.at[:, :, p.out_start : p.out_start + p.ir_out.dim].add(t)
     if indices is not None and weights:
-        out = jnp.where(((indices >= 0) & (indices < num_sets))[:, None, None], out, jnp.nan)
+        out = jnp.where(in_range(indices, num_sets)[:, None, None], out, jnp.nan)
     return out.astype(x.dtype)
 
 
@@ -86,13 +87,15 @@ def equivariant_convolution(x, sh, weights, senders, receivers, plan: Convolutio
     receiver outside ``[0, N)`` contribute nothing."""
     acc = accumulation_dtype(x, sh, weights)
     num_nodes = x.shape[0]
-    valid = (senders >= 0) & (senders < num_nodes) & (receivers >= 0) & (receivers < num_nodes)
+    valid = in_range(senders, num_nodes) & in_range(receivers, num_nodes)
+    # selected before any product, so that no derivative multiplies a dropped edge's data
+    # (NaN for zero-length padding edges) by zero either
+    drop = lambda a: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a.astype(acc), 0)
     table = jnp.asarray(plan.table, acc)
     messages = jnp.einsum(
-        "eci,ej,ijq->ecq", x.astype(acc)[jnp.clip(senders, 0, num_nodes - 1)], sh.astype(acc), table,
-        precision="highest",
+        "eci,ej,ijq->ecq", drop(x[jnp.clip(senders, 0, num_nodes - 1)]), drop(sh), table, precision="highest",
     )
-    per_column = weights.astype(acc)[:, jnp.asarray(plan.path_of_column), :]  # (E, Q, C)
-    messages = jnp.where(valid[:, None, None], messages * per_column.transpose(0, 2, 1), 0)
+    per_column = drop(weights)[:, jnp.asarray(plan.path_of_column), :]  # (E, Q, C)
+    messages = messages * per_column.transpose(0, 2, 1)
     out = jnp.zeros((num_nodes,) + messages.shape[1:], acc).at[jnp.where(valid, receivers, 0)].add(messages)
     return (out / avg_num_neighbors).astype(x.dtype)

@@ -38,6 +38,20 @@ def assert_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
                                err_msg=what)
 
 
+def assert_rounded_once(actual, expected_float32, what=""):
+    """``actual`` (bfloat16/float16) is ``expected_float32`` (the op in float32 on the same
+    rounded inputs) rounded once to ``actual``'s dtype: each element within half an ulp,
+    ``eps / 2`` relative (bfloat16 3.9e-3, float16 4.9e-4), plus float32 round-off of the
+    largest element. An op that sums in 16 bits is several roundings off and fails."""
+    actual = actual.array if isinstance(actual, e3nn.IrrepsArray) else actual
+    dtype = jnp.dtype(actual.dtype)
+    assert dtype in (jnp.bfloat16, jnp.float16), dtype
+    expected = np.asarray(expected_float32, np.float32)
+    half_ulp = float(jnp.finfo(dtype).eps) / 2
+    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=half_ulp,
+                               atol=1e-5 * float(np.max(np.abs(expected))), err_msg=what)
+
+
 def assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
     """Same structure (names), shapes, dtypes and values."""
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from e3kernels.grouping import cdiv, group_rows
+from e3kernels.grouping import cdiv, group_rows, in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._term_unrolling import row_sum
@@ -53,7 +53,7 @@ class _EdgeTile:
     def node_index(self, index_ref):
         """The edges' node indices, and where they are valid (in range)."""
         index = plgpu.load(index_ref.at[self.edges], mask=self.edge_ok, other=0)
-        return index, self.edge_ok & (index >= 0) & (index < self.num_nodes)
+        return index, self.edge_ok & in_range(index, self.num_nodes)
 
     def node_column(self, ref, nodes, node_ok, column: int):
         """``ref[nodes, channels, column]``; 0 for invalid edges."""
@@ -158,12 +158,15 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
                     weight[p] = tile.weight(weights_ref, p)
                 return weight[p]
 
+            # an edge from out of range adds exactly 0: selected, as its sh and weights may
+            # be NaN (zero-length padding edges), which a product with 0 would keep
+            counted = lambda value: jnp.where(other_ok[:, None], value, 0.0)
             if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
                 used = _kernels().used_inputs(columns)
                 xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
                 for q, p, terms in columns:
                     message = _term_sum(terms, xs, sh, shape) * path_weight(p)
-                    sums[q] = sums[q] + row_sum(message)
+                    sums[q] = sums[q] + row_sum(counted(message))
             else:  # gx[i] += sum_e sum_jq T sh[j] w[p(q)] g[q]
                 parts = {}
                 for q, p, terms in columns:
@@ -172,7 +175,7 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
                         value = t * (sh[j] * jnp.float32(coef))
                         parts[i] = value if i not in parts else parts[i] + value
                 for i, part in parts.items():
-                    sums[i] = sums[i] + row_sum(part)
+                    sums[i] = sums[i] + row_sum(counted(part))
             return tuple(sums[o] for o in outputs)
 
         zero = jnp.zeros((channel_block,), jnp.float32)
@@ -244,8 +247,8 @@ def _weights_kernel(senders_ref, receivers_ref, x_ref, sh_ref, g_ref, out_ref, *
     for q, p, terms in columns:
         value = _term_sum(terms, xs, sh, shape) * tile.node_column(g_ref, receivers, both, q)
         sums[p] = value if p not in sums else sums[p] + value
-        if last_column_of[p] == q:
-            _store_path(out_ref, tile, p, sums.pop(p))
+        if last_column_of[p] == q:  # selected: a dropped edge's sh may be NaN
+            _store_path(out_ref, tile, p, jnp.where(both[:, None], sums.pop(p), 0.0))
     for p in sorted(set(range(num_paths)) - set(last_column_of)):
         _store_path(out_ref, tile, p, jnp.zeros(shape, jnp.float32))
 
@@ -300,8 +303,8 @@ def _sh_kernel(senders_ref, receivers_ref, x_ref, weights_ref, g_ref, out_ref, *
                 value = channel_sum * jnp.float32(coef)
                 sums[j] = value if j not in sums else sums[j] + value
     block = pl.program_id(1)
-    for j in range(dim_sh):
-        value = sums.get(j, jnp.zeros((EDGE_BLOCK,), jnp.float32))
+    for j in range(dim_sh):  # selected: a dropped edge's weights may be NaN
+        value = jnp.where(both, sums[j], 0.0) if j in sums else jnp.zeros((EDGE_BLOCK,), jnp.float32)
         plgpu.store(out_ref.at[tile.edges, block, jnp.int32(j)], value, mask=tile.edge_ok)
 
 

@@ -34,10 +34,9 @@ from e3kernels.reference.equivariant_convolution import (
     OUT,
     WEIGHTS,
     X,
-    form_partial,
+    convolve,
     has_no_work,
     partial_shape,
-    scaled,
 )
 
 TRITON = KernelConfig("triton")
@@ -61,9 +60,7 @@ def implementations(plan: ConvolutionPlan, avg_num_neighbors: float, dtype) -> d
 def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: ConvolutionPlan,
                             avg_num_neighbors: float, config: KernelConfig):
     """The op on ``config``'s kernels (``MOSAIC_INTERPRET`` runs the TPU kernels on CPU)."""
-    out = form_partial(KernelPartials(plan, config), OUT, x.dtype, x.shape[0], (x, sh, weights, None),
-                       senders, receivers)
-    return scaled(out, avg_num_neighbors)
+    return convolve(KernelPartials(plan, config), x, sh, weights, senders, receivers, avg_num_neighbors)
 
 
 def column_terms(plan: ConvolutionPlan) -> tuple[tuple[int, int, tuple[tuple[int, int, float], ...]], ...]:

@@ -26,7 +26,8 @@ a block's messages stay in one reused buffer of about a megabyte, sums over edge
 accumulate into the scan's carry (``segment_sum``, deterministic on CPU), and per-edge
 outputs come out as the scan's stacked results. Per block, ``A[e, i, q] = sum_j T[i, j, q]
 sh[e, j]`` folds the spherical harmonics into the table, so each partial is a few small
-einsums. Edges whose sender or receiver lies outside ``[0, N)`` contribute nothing.
+einsums. Edges whose sender or receiver lies outside ``[0, N)`` contribute nothing
+(:func:`edge_in_range`): exactly zero, whatever their harmonics, weights or end nodes hold.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e3kernels.grouping import in_range
 from e3kernels.irreps import ConvolutionPlan
+from e3kernels.spec import accumulation_dtype
 
 #: the arguments of the form, in order; a partial's ``which`` is a position here
 X, SH, WEIGHTS, OUT = range(4)
@@ -86,20 +89,20 @@ def _form_partial_bwd(partials, which, out_dtype, num_nodes, residuals, cotangen
 form_partial.defvjp(_form_partial_fwd, _form_partial_bwd)
 
 
-def accumulation_dtype(args) -> jnp.dtype:
-    return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in args if a is not None)))
-
-
 def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: ConvolutionPlan,
                             avg_num_neighbors: float):
     """The op (see :func:`e3kernels.ops.equivariant_convolution`) on the reference."""
-    out = form_partial(ReferencePartials(plan), OUT, x.dtype, x.shape[0], (x, sh, weights, None), senders,
-                       receivers)
-    return scaled(out, avg_num_neighbors)
+    return convolve(ReferencePartials(plan), x, sh, weights, senders, receivers, avg_num_neighbors)
 
 
-def scaled(out, avg_num_neighbors: float):
-    return out if avg_num_neighbors == 1.0 else (out * (1.0 / avg_num_neighbors)).astype(out.dtype)
+def convolve(partials: Partials, x, sh, weights, senders, receivers, avg_num_neighbors: float):
+    """The op on ``partials``: the form's partial in ``g``, scaled, then rounded once to
+    ``x``'s dtype (16-bit inputs: the sums and the scale in float32)."""
+    acc = accumulation_dtype(x, sh, weights)
+    out = form_partial(partials, OUT, acc, x.shape[0], (x, sh, weights, None), senders, receivers)
+    if avg_num_neighbors != 1.0:
+        out = out * jnp.asarray(1.0 / avg_num_neighbors, acc)
+    return out.astype(x.dtype)
 
 
 def partial_shape(plan: ConvolutionPlan, which: int, args, num_edges: int, num_nodes: int) -> tuple[int, ...]:
@@ -136,7 +139,7 @@ class ReferencePartials:
 
     def __call__(self, which, out_dtype, args, senders, receivers, num_nodes):
         plan = self.plan
-        acc = accumulation_dtype(args)
+        acc = accumulation_dtype(*(a for a in args if a is not None))
         x, sh, weights, g = (None if a is None else a.astype(acc) for a in args)
         num_edges = senders.shape[0]
         out_shape = partial_shape(plan, which, args, num_edges, num_nodes)
@@ -153,9 +156,10 @@ class ReferencePartials:
             return a.reshape((num_blocks, block) + a.shape[1:])
 
         def valid(index):  # out of range: the node `num_nodes`, gathered as 0, dropped by sums
-            return jnp.where((index >= 0) & (index < num_nodes), index, num_nodes).astype(jnp.int32)
+            return jnp.where(in_range(index, num_nodes), index, num_nodes).astype(jnp.int32)
 
-        edges = {"s": blocked(valid(senders), num_nodes), "r": blocked(valid(receivers), num_nodes)}
+        edges = {"s": blocked(valid(senders), num_nodes), "r": blocked(valid(receivers), num_nodes),
+                 "ok": blocked(edge_in_range(senders, receivers, num_nodes), False)}
         if sh is not None:
             edges["sh"] = blocked(sh, 0)
         if weights is not None:
@@ -177,14 +181,19 @@ class ReferencePartials:
         def product(a, xs):  # sum_i A[e, i, q] x[e, i, c]: (B, Q, C), a fused sum of din terms
             return jnp.sum(a[:, :, :, None] * xs[:, :, None, :], axis=1)
 
-        def block_value(e):
+        def block_value(e):  # a dropped edge's values are exactly 0, whatever its data
+            ok = e["ok"].reshape((-1,) + (1,) * (len(out_shape) - 1))
+            value = jnp.where(ok, edge_values(e), 0)
+            if which in (X, OUT):
+                return jax.ops.segment_sum(value, e["r" if which == OUT else "s"], num_nodes)
+            return value
+
+        def edge_values(e):  # per edge: messages (node partials) or the edge partial
             if which == OUT:
-                m = product(folded(e), gather(x_t, e["s"])) * e["w"][:, path_of]
-                return jax.ops.segment_sum(m, e["r"], num_nodes)
+                return product(folded(e), gather(x_t, e["s"])) * e["w"][:, path_of]
             if which == X:
                 t = e["w"][:, path_of] * gather(g_t, e["r"])
-                u = jnp.sum(folded(e)[:, :, :, None] * t[:, None, :, :], axis=2)
-                return jax.ops.segment_sum(u, e["s"], num_nodes)
+                return jnp.sum(folded(e)[:, :, :, None] * t[:, None, :, :], axis=2)
             if which == WEIGHTS:
                 v = product(folded(e), gather(x_t, e["s"])) * gather(g_t, e["r"])
                 return jnp.stack([jnp.sum(v[:, a:b], axis=1) for a, b in path_ranges], axis=1)
@@ -201,6 +210,13 @@ class ReferencePartials:
             return total.transpose(0, 2, 1).astype(out_dtype)
         _, per_edge = jax.lax.scan(lambda c, e: (c, block_value(e).astype(out_dtype)), 0, edges)
         return per_edge.reshape((num_blocks * block,) + per_edge.shape[2:])[:num_edges]
+
+
+def edge_in_range(senders, receivers, num_nodes: int) -> jax.Array:
+    """The edges that count: both ends in ``[0, N)``. Every implementation selects with
+    this mask (``where``, never a product: a dropped edge's data may be NaN or inf, as the
+    harmonics and radial features of zero-length padding edges are)."""
+    return in_range(senders, num_nodes) & in_range(receivers, num_nodes)
 
 
 def _path_ranges(path_of_column) -> tuple[tuple[int, int], ...]:

@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e3kernels.grouping import in_range
 from e3kernels.irreps import SymmetricPlan
+from e3kernels.spec import accumulation_dtype
 from e3kernels.symmetric_terms import symmetric_terms
 
 #: Plans with more terms than this use :func:`_vectorized` rather than :func:`_unrolled`.
@@ -72,7 +74,7 @@ def symmetric_contraction(x, weights: Sequence[jax.Array], indices, *, plan: Sym
 def _contract(x, weights, indices, plan, *, unrolled: bool | None):
     """``unrolled``: force a path (tests); ``None`` chooses by the number of terms."""
     n, c, dim_in = x.shape
-    out_dtype, dtype = x.dtype, jnp.result_type(x, *weights)
+    out_dtype, dtype = x.dtype, accumulation_dtype(x, *weights)  # 16-bit inputs: float32 sums
     num_terms = len(symmetric_terms(plan).polynomial.terms)
     if num_terms == 0 or n == 0 or c == 0:
         out = jnp.zeros((n, c, plan.dim_out), dtype)
@@ -89,7 +91,7 @@ def _contract(x, weights, indices, plan, *, unrolled: bool | None):
             out = _by_row_blocks(_vectorized, x, w if safe is None else w[safe], plan)
     if indices is not None and weights:
         num = weights[0].shape[0]
-        out = jnp.where(((indices >= 0) & (indices < num))[:, None, None], out, jnp.nan)
+        out = jnp.where(in_range(indices, num)[:, None, None], out, jnp.nan)
     return out.astype(out_dtype)
 
 
