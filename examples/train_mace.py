@@ -102,10 +102,11 @@ def make_structures(count: int, atoms: int, seed: int) -> list[dict]:
 
 def stack_graphs(structures: list[dict], r_max: float) -> tuple[dict, float]:
     """All structures' arrays stacked, their edge lists padded to one length
-    (``mace.pad_edges``: padded edges change nothing), and the mean edges per atom."""
+    (``mace.pad_edges``: edges from an out-of-range atom, which every op drops), and the mean
+    edges per atom."""
     edges = [mace.neighbor_list(s["positions"], s["cell"], r_max) for s in structures]
     longest = max(len(senders) for senders, _, _ in edges)
-    padded = [mace.pad_edges(*e, longest, r_max) for e in edges]
+    padded = [mace.pad_edges(*e, longest, num_atoms=len(s["species"])) for e, s in zip(edges, structures)]
     data = {key: np.stack([s[key] for s in structures])
             for key in ("positions", "species", "energy", "forces")}
     for k, key in enumerate(("senders", "receivers", "shifts")):

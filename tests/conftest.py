@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 # Four virtual CPU devices for the multi-device tests (set before JAX starts its backends;
 # single-device tests run on the first one, as before).
@@ -69,18 +68,6 @@ def assert_results_close(actual, expected, rtol=RTOL, atol=ATOL):
     for key in actual:
         scale = 10 if key == "second" else 1
         assert_trees_close(actual[key], expected[key], scale * rtol, scale * atol)
-
-
-def median_seconds(fn, args, repeats=30):
-    """Median wall time of ``fn(*args)`` after a warm-up; printed by the GPU tests as
-    figures, never asserted (performance is judged by ``make bench``)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def random_rotation(key):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, median_seconds
+from conftest import assert_trees_close
 from test_convolution import force_training_loss
 
 from e3kernels import ops
@@ -58,8 +58,6 @@ def test_partials_match_the_reference(size, which):
     got, expected = ours(args, senders, receivers), theirs(args, senders, receivers)
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5 * scale)
-    print(f"\n{size} {which}: kernel {median_seconds(ours, (args, senders, receivers)) * 1e3:.3f} ms, "
-          f"reference {median_seconds(theirs, (args, senders, receivers)) * 1e3:.3f} ms")
 
 
 def test_force_training_gradient_at_mace_size():
@@ -75,8 +73,6 @@ def test_force_training_gradient_at_mace_size():
 
     ours, theirs = op("pallas"), op("reference")
     assert_trees_close(ours((sh, w), x), theirs((sh, w), x), rtol=1e-3, atol=1e-3)
-    print(f"\nmace force-training gradient: kernels {median_seconds(ours, ((sh, w), x)) * 1e3:.2f} ms, "
-          f"reference {median_seconds(theirs, ((sh, w), x)) * 1e3:.2f} ms")
 
 
 def test_bfloat16():

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import median_seconds
 from test_kernel_indexed_linear import MACE, Case, evaluate
 
 from e3kernels.kernels import indexed_linear as kernels
@@ -70,16 +69,3 @@ def test_bfloat16_at_mace_size():
 def test_out_of_range_indices():
     indices = np.random.default_rng(0).integers(-2, 12, 4000)  # 10 sets: ~30% invalid
     compare(Case(**SIZES["mace"], indices=indices), order=2, tol=1e-5)
-
-
-def test_mace_timing_report():
-    case = Case(**SIZES["mace"])
-    impl = kernels.implementations(case.plan, HIGHEST, jnp.float32)["gpu"]
-    forward = jax.jit(lambda x, w, b: impl(x, w, b, case.indices))
-    loss = lambda x, w, b: jnp.sum(impl(x, w, b, case.indices) ** 2)
-    backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    with jax.default_matmul_precision("float32"):
-        reference_forward = jax.jit(lambda x, w, b: reference(x, w, b, case.indices, plan=case.plan))
-        for name, fn in [("kernel forward", forward), ("kernel forward+backward", backward),
-                         ("reference forward", reference_forward)]:
-            print(f"\nindexed_linear MACE size, {name}: {median_seconds(fn, case.args) * 1e6:.1f} us")

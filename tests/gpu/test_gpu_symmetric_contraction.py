@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import median_seconds
 from test_kernel_symmetric_contraction import (
     MACE_M,
     Case,
@@ -128,13 +127,3 @@ def test_out_of_range_indices_give_nan_rows():
     out = np.asarray(jax.jit(kernel_fn(MACE_M, kernels.TRITON))(x, w, jnp.asarray(indices, jnp.int32)))
     invalid = (indices < 0) | (indices >= 10)
     assert np.all(np.isnan(out[invalid])) and np.all(np.isfinite(out[~invalid]))
-
-
-def test_mace_m_timing_report():
-    x, w, _ = inputs(MACE_M)
-    for name, derivatives in [("forward", forward_only), ("forward + gradients", first_order),
-                              ("forward + gradients + second order", all_orders)]:
-        compiled, compile_s = mace_m_program(derivatives)
-        run_us = median_seconds(compiled, (x, w)) * 1e6
-        print(f"\nsymmetric_contraction MACE-M (N=4000, C=128, S=10), {name}: "
-              f"{run_us:.1f} us (compile {compile_s:.1f} s)")
