@@ -18,6 +18,7 @@ import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 
+from e3kernels import irreps as irreps_plans
 from e3kernels import ops
 from e3kernels._e3nn_private import (
     FunctionalLinear,
@@ -86,7 +87,7 @@ def checked_linear_weights(module: str, options, weights) -> jax.Array:
     weights = jnp.asarray(weights)
     indexed = options.num_indexed_weights is not None
     if weights.dtype.kind not in ("iu" if indexed else "f"):
-        raise ValueError(
+        raise TypeError(
             f"{module}: weights must be integers with num_indexed_weights set, or floats "
             f"without it; got weights of dtype {weights.dtype} and "
             f"num_indexed_weights={options.num_indexed_weights}"
@@ -223,30 +224,11 @@ MODULE_STP = "SymmetricTensorProduct"
 
 
 def checked_orders(orders) -> tuple[int, ...]:
-    try:
-        orders = tuple(orders)
-    except TypeError:
-        orders = None
-    if not orders or not all(type(o) is int and o > 0 for o in orders):
-        raise ValueError(
-            f"{MODULE_STP}: orders must be a non-empty sequence of positive ints; got {orders!r}"
-        )
-    return orders
+    return irreps_plans.checked_orders(orders, MODULE_STP)
 
 
 def checked_keep_irrep_out(keep_irrep_out) -> frozenset[e3nn.Irrep] | None:
-    """``keep_irrep_out`` (a set of irreps, an irreps string or ``None``) as a frozenset."""
-    if keep_irrep_out is None:
-        return None
-    if isinstance(keep_irrep_out, str):
-        irreps = e3nn.Irreps(keep_irrep_out)
-        if any(mul != 1 for mul, _ in irreps):
-            raise ValueError(
-                f"{MODULE_STP}: keep_irrep_out must list each irrep once without multiplicity; "
-                f"got {keep_irrep_out!r}"
-            )
-        keep_irrep_out = [ir for _, ir in irreps]
-    return frozenset(e3nn.Irrep(ir) for ir in keep_irrep_out)
+    return irreps_plans.checked_keep_irrep_out(keep_irrep_out, MODULE_STP)
 
 
 def symmetric_tensor_product(

@@ -226,9 +226,34 @@ def symmetric_contraction_plan(irreps_in, orders, keep_irrep_out=None) -> Symmet
     >>> [(p.parameter_name, p.mul) for p in plan.paths]
     [('w2_0e', 2), ('w1_0e', 1)]
     """
-    if keep_irrep_out is not None:
-        keep_irrep_out = frozenset(ir for _, ir in e3nn.Irreps(keep_irrep_out))
-    return symmetric_plan(e3nn.Irreps(irreps_in), tuple(orders), keep_irrep_out)
+    where = "symmetric_contraction_plan"
+    return symmetric_plan(e3nn.Irreps(irreps_in), checked_orders(orders, where),
+                          checked_keep_irrep_out(keep_irrep_out, where))
+
+
+def checked_orders(orders, where: str) -> tuple[int, ...]:
+    """``orders`` as a tuple of positive ints, or an error naming ``where``."""
+    try:
+        orders = tuple(orders)
+    except TypeError:
+        orders = None
+    if not orders or not all(type(o) is int and o > 0 for o in orders):
+        raise ValueError(f"{where}: orders must be a non-empty sequence of positive ints; got {orders!r}")
+    return orders
+
+
+def checked_keep_irrep_out(keep_irrep_out, where: str) -> frozenset[e3nn.Irrep] | None:
+    """``keep_irrep_out`` (irreps without multiplicities, as a string or a collection of
+    irreps, or ``None``: keep all) as a frozenset, or an error naming ``where``."""
+    if keep_irrep_out is None:
+        return None
+    if isinstance(keep_irrep_out, (str, e3nn.Irreps)):
+        irreps = e3nn.Irreps(keep_irrep_out)
+        if any(mul != 1 for mul, _ in irreps):
+            raise ValueError(f"{where}: keep_irrep_out must list each irrep once without multiplicity; "
+                             f"got {keep_irrep_out!r}")
+        keep_irrep_out = [ir for _, ir in irreps]
+    return frozenset(e3nn.Irrep(ir) for ir in keep_irrep_out)
 
 
 @functools.cache

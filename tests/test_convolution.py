@@ -348,7 +348,7 @@ def test_bad_arguments_name_the_op_and_argument():
         f(x=jnp.ones((7, 3, 5)))
     with pytest.raises(ValueError, match=r"equivariant_convolution: weights must have shape \(16, 7, 3\)"):
         f(weights=jnp.ones((16, 4, 3)))
-    with pytest.raises(TypeError, match="equivariant_convolution: senders must have a integer dtype"):
+    with pytest.raises(TypeError, match="equivariant_convolution: senders must have an integer dtype"):
         f(senders=g.senders.astype(jnp.float32))
     with pytest.raises(ValueError, match="equivariant_convolution: avg_num_neighbors must be a positive"):
         f(avg=0.0)

@@ -18,10 +18,10 @@ def check_array(op: str, argument: str, value, shape: Sequence[int | None], dtyp
         d is not None and d != g for d, g in zip(shape, got_shape)
     ):
         raise ValueError(f"{op}: {argument} must have shape {expected}; got {got_shape}")
-    kinds = {"f": ("floating", jnp.floating), "i": ("integer", jnp.integer)}
+    kinds = {"f": ("a floating", jnp.floating), "i": ("an integer", jnp.integer)}
     name, kind = kinds[dtype_kind]
     if not jnp.issubdtype(got_dtype, kind):  # bfloat16 is floating too (numpy kind 'V')
-        raise TypeError(f"{op}: {argument} must have a {name} dtype; got {got_dtype}")
+        raise TypeError(f"{op}: {argument} must have {name} dtype; got {got_dtype}")
 
 
 def check_indices_in_range(op: str, argument: str, indices, num_indexed_weights: int,
