@@ -21,10 +21,8 @@ def _init(module_fn, *args):
 
 
 def test_float_indices_are_a_type_error_everywhere():
-    x = e3nn.normal("0e + 1o", jax.random.PRNGKey(0), (4,))
+    """(The Linear's own case is in test_linear.py: test_error_float_weights_with_num_indexed_weights.)"""
     xs = e3nn.normal("0e + 1o", jax.random.PRNGKey(0), (4, 3))
-    with pytest.raises(TypeError, match="Linear: weights must be integers with num_indexed_weights"):
-        _init(lambda i, x: e3kernels.haiku.Linear("0e", num_indexed_weights=3)(i, x), FLOAT_INDICES, x)
     with pytest.raises(TypeError, match=r"SymmetricTensorProduct: indices \(the first argument\) must be"):
         _init(lambda i, x: e3kernels.haiku.SymmetricTensorProduct((1, 2), num_indexed_weights=3)(i, x),
               FLOAT_INDICES, xs)

@@ -176,12 +176,12 @@ def test_error_instructions_need_exact_irreps_in():
 
 
 def test_error_int_weights_without_num_indexed_weights():
-    with pytest.raises(ValueError, match=r"dtype int32 and num_indexed_weights=None"):
+    with pytest.raises(TypeError, match=r"dtype int32 and num_indexed_weights=None"):
         _init(lambda: e3kernels.haiku.Linear("0e"), jnp.array([0, 1]), normal("0e", 2))
 
 
 def test_error_float_weights_with_num_indexed_weights():
-    with pytest.raises(ValueError, match=r"dtype float32 and num_indexed_weights=3"):
+    with pytest.raises(TypeError, match=r"dtype float32 and num_indexed_weights=3"):
         _init(lambda: e3kernels.haiku.Linear("0e", num_indexed_weights=3),
               jnp.ones((2, 4)), normal("0e", 2))
 
