@@ -119,6 +119,8 @@ def select(
     key: Hashable | None = None,
     row_axes: tuple[int | None, ...] | None = None,
     out_row_axis: int | None = 0,
+    spaces: tuple[str, ...] | None = None,
+    out_spaces: str | None = None,
 ) -> Callable[..., Any]:
     """Choose the implementation of ``op`` for ``backend``; the single dispatch point.
 
@@ -137,6 +139,8 @@ def select(
       row_axes: for a row-wise op, per argument, the axis of its rows or ``None`` (see
         :func:`e3kernels.dispatch.call`): a sharded ``jax.jit`` keeps rows on their devices.
       out_row_axis: the output's row axis, or ``None`` for a sum over the rows.
+      spaces, out_spaces: per argument, and for the output, the spaces of its axes (see
+        :func:`e3kernels.dispatch.call`): ``jax.vmap`` folds a batch into them, one call.
 
     Returns:
       A function with the signature of ``reference`` that binds the op through
@@ -165,7 +169,8 @@ def select(
             chosen = reference if name == "auto" else _refusal(op, platform, chosen)
         implementations[platform] = chosen
     key = None if key is None else (name, key)
-    return lambda *args: dispatch.call(op, key, implementations, out, args, row_axes, out_row_axis)
+    return lambda *args: dispatch.call(op, key, implementations, out, args, row_axes, out_row_axis,
+                                       spaces, out_spaces)
 
 
 def _refusal(op: str, platform: str, reason: str) -> Callable[..., Any]:

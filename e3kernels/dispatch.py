@@ -26,7 +26,12 @@ one implementation per platform, derived from the platform's own:
   its own implementation (plain autodiff for the reference, the kernels' ``custom_vjp``
   rules for Pallas). Reverse mode never lowers a :class:`Linearized` call, only its
   transpose, so kernels without forward mode still train;
-* batching (``jax.vmap``): a :class:`Batched` call, ``jax.vmap`` of each implementation.
+* batching (``jax.vmap``): one call of the same target at bigger sizes, the batch folded
+  into the op's *spaces* (rows, nodes, edges, species; :class:`Layout`) with offset
+  indices, so that a batch of graphs is one kernel launch on every backend (``jax.vmap``
+  of a Pallas kernel is a serial loop over the batch on TPU, one grid per element on
+  GPU). Where the op declares no spaces or the batch cannot fold (shared weights without
+  a space, mapped), a :class:`Batched` call: ``jax.vmap`` of each implementation.
 
 Several devices:
 
@@ -65,8 +70,57 @@ from jax._src import dispatch as jax_dispatch
 from jax._src.interpreters import ad, batching, mlir
 from jax.experimental.custom_partitioning import custom_partitioning
 
+from e3kernels.grouping import in_range  # the one in-range rule of the ops and kernels
+
 #: The platform names JAX lowers for that this module registers implementations for.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which *space* each leading axis of an op's array belongs to, and which space the
+    values of an integer index array index.
+
+    A space is a set of things of the op's problem: ``"row"``, ``"species"`` (weight
+    sets), ``"node"``, ``"edge"``. Arrays sharing a space have that axis of the same size,
+    and the op is a union of independent problems when cut along its spaces consistently:
+    B calls on arrays of ``n`` rows equal one call on ``B * n`` rows, with index arrays
+    into a space of size ``n`` offset by ``b * n`` for call ``b``. That is how a batch
+    (``jax.vmap``) becomes one call, hence one kernel launch (see :func:`_batch`).
+
+    Written as a string (:meth:`parse`): ``"row"``, ``"species"``, ``"edge -> node"``
+    (an edge array of node indices), ``"_ row"`` (``_``: an axis of no space), ``""``
+    (no axis in a space: weights shared by every row). Axes past the listed ones belong
+    to no space.
+    """
+
+    axes: tuple[str | None, ...] = ()
+    #: for an integer index array, the space its values index (out-of-range values drop
+    #: their row or edge, and stay out of range when folded)
+    indexes: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Layout:
+        axes, _, indexes = spec.partition("->")
+        return cls(tuple(None if a == "_" else a for a in axes.split()), indexes.strip() or None)
+
+    @property
+    def spaces(self) -> frozenset[str]:
+        return frozenset(a for a in self.axes if a is not None)
+
+    def values(self) -> Layout:
+        """The layout of a tangent or cotangent: the same axes, values that index nothing."""
+        return Layout(self.axes)
+
+    def batched(self) -> Layout:
+        """With a leading batch axis, which belongs to no space."""
+        return Layout((None,) + self.axes, self.indexes)
+
+
+def _resized_aval(aval: core.ShapedArray, layout: Layout, sizes: Mapping[str, int]) -> core.ShapedArray:
+    shape = tuple(sizes.get(s, d) if s is not None else d for s, d in zip(layout.axes, aval.shape))
+    dtype = jnp.dtype(jnp.int32) if layout.indexes in sizes else aval.dtype
+    return aval.update(shape=shape + aval.shape[len(layout.axes):], dtype=dtype)
 
 
 class Target:
@@ -86,8 +140,19 @@ class Target:
     #: per output, the axis of its rows, or ``None`` for a sum over the rows (a weight
     #: gradient)
     out_row_axes: tuple[int | None, ...] | None
+    #: per input, the spaces of its axes (see :class:`Layout`); ``None``: undeclared, a
+    #: batch of calls runs as ``jax.vmap`` of the implementations
+    in_layouts: tuple[Layout, ...] | None
+    #: per output, the spaces of its axes
+    out_layouts: tuple[Layout, ...] | None
 
     def implementation(self, platform: str) -> Callable[..., tuple[jax.Array, ...]]:
+        raise NotImplementedError
+
+    def resized(self, sizes: Mapping[str, int]) -> Target:
+        """The same computation at other sizes of some spaces (every axis in space ``s``
+        of size ``sizes[s]``; index arrays into a resized space as int32): what a batch
+        folded into those spaces calls. The implementations are shape-generic."""
         raise NotImplementedError
 
 
@@ -104,9 +169,18 @@ class Op(Target):
     implementations: Mapping[str, Callable[..., tuple[jax.Array, ...]]] = dataclasses.field(
         compare=False, hash=False
     )
+    in_layouts: tuple[Layout, ...] | None = None
+    out_layouts: tuple[Layout, ...] | None = None
 
     def implementation(self, platform):
         return self.implementations[platform]
+
+    def resized(self, sizes):
+        return dataclasses.replace(
+            self,
+            in_avals=tuple(_resized_aval(a, lay, sizes) for a, lay in zip(self.in_avals, self.in_layouts)),
+            out_avals=tuple(_resized_aval(a, lay, sizes) for a, lay in zip(self.out_avals, self.out_layouts)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +211,19 @@ class Linearized(Target):
     @property
     def out_row_axes(self):
         return self.inner.out_row_axes
+
+    @property
+    def in_layouts(self):  # a tangent folds like its primal
+        layouts = self.inner.in_layouts
+        return None if layouts is None else layouts + tuple(layouts[i].values() for i in self.wrt)
+
+    @property
+    def out_layouts(self):
+        layouts = self.inner.out_layouts
+        return None if layouts is None else tuple(lay.values() for lay in layouts)
+
+    def resized(self, sizes):
+        return Linearized(self.inner.resized(sizes), self.wrt)
 
     def implementation(self, platform):
         f = self.inner.implementation(platform)
@@ -178,6 +265,19 @@ class Vjp(Target):
         rows = self.inner.in_row_axes
         return None if rows is None else tuple(rows[i] for i in self.wrt)
 
+    @property
+    def in_layouts(self):  # a cotangent folds like its output
+        ins, outs = self.inner.in_layouts, self.inner.out_layouts
+        return None if ins is None or outs is None else ins + tuple(lay.values() for lay in outs)
+
+    @property
+    def out_layouts(self):  # the cotangent of an input folds like the input
+        layouts = self.inner.in_layouts
+        return None if layouts is None else tuple(layouts[i].values() for i in self.wrt)
+
+    def resized(self, sizes):
+        return Vjp(self.inner.resized(sizes), self.wrt)
+
     def implementation(self, platform):
         f = self.inner.implementation(platform)
 
@@ -190,7 +290,9 @@ class Vjp(Target):
 
 @dataclasses.dataclass(frozen=True)
 class Batched(Target):
-    """``inner`` mapped over a leading axis of ``size`` on the inputs where ``mapped``."""
+    """``inner`` mapped over a leading axis of ``size`` on the inputs where ``mapped``:
+    ``jax.vmap`` of its implementations, the batching rule's fallback where the batch
+    cannot fold into the op's spaces (on TPU a loop of kernel launches)."""
 
     inner: Target
     mapped: tuple[bool, ...]
@@ -219,6 +321,21 @@ class Batched(Target):
     def out_row_axes(self):
         rows = self.inner.out_row_axes
         return None if rows is None else tuple(None if r is None else r + 1 for r in rows)
+
+    @property
+    def in_layouts(self):
+        layouts = self.inner.in_layouts
+        return None if layouts is None else tuple(
+            lay.batched() if m else lay for lay, m in zip(layouts, self.mapped)
+        )
+
+    @property
+    def out_layouts(self):
+        layouts = self.inner.out_layouts
+        return None if layouts is None else tuple(lay.batched() for lay in layouts)
+
+    def resized(self, sizes):
+        return Batched(self.inner.resized(sizes), self.mapped, self.size)
 
     def implementation(self, platform):
         in_axes = tuple(0 if m else None for m in self.mapped)
@@ -373,11 +490,109 @@ def _transpose(cotangents, *args, target: Target):
 
 
 def _batch(args, dims, *, target: Target):
+    """A batch of calls as one call on bigger arrays, when the target's layouts allow.
+
+    Pallas batches a kernel's scalar prefetch with a serial loop on TPU, and launches one
+    grid per batch element on GPU: ``jax.vmap`` of a kernel is a loop of launches. The
+    ops are unions of independent problems along their spaces (:class:`Layout`), so the
+    batch folds into them instead: arrays of a folded space, broadcast when unmapped,
+    are reshaped ``(B, n, ...) -> (B * n, ...)``, index arrays into a folded space are
+    offset by ``b * n`` (out-of-range indices, which drop their row or edge, stay out of
+    range), and the outputs are reshaped back. One call of the same implementation, at
+    the folded sizes, hence one launch on every backend; a tangent folds like its primal,
+    a cotangent like its output (the derived targets' layouts).
+
+    Where no fold exists (an array with no axis in a space is mapped, such as shared
+    weights of an ensemble, or an output has none, such as per-example gradients of
+    shared weights), a :class:`Batched` call: ``jax.vmap`` of the implementations.
+    """
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     mapped = tuple(d is not None for d in dims)
     args = [jnp.moveaxis(a, d, 0) if m else a for a, d, m in zip(args, dims, mapped)]
-    outs = bind(Batched(target, mapped, size), *args)
+    sizes = _fold_sizes(target, mapped, size)
+    if sizes is None:
+        outs = bind(Batched(target, mapped, size), *args)
+    else:
+        outs = _folded_call(target, sizes, args, mapped, size)
     return list(outs), [0] * len(outs)
+
+
+def _fold_sizes(target: Target, mapped: tuple[bool, ...], size: int) -> dict[str, int] | None:
+    """The spaces a batch of ``size`` calls of ``target`` folds into, with their unbatched
+    sizes, or ``None`` when it cannot fold.
+
+    A space folds when an array with an axis in it must: a mapped input, every output
+    (each batch element has its own), an input with an axis in a folded space, and an
+    index array into a folded space (its offsets differ per batch element). An array
+    that must fold folds all its spaces, to a fixpoint. Each folding array needs exactly
+    one axis in a folded space, the axis its batch merges into.
+    """
+    ins, outs = target.in_layouts, target.out_layouts
+    if ins is None or outs is None or size == 0:
+        return None
+    arrays = list(zip(target.in_avals, ins)) + list(zip(target.out_avals, outs))
+    extent: dict[str, int] = {}
+    for aval, layout in arrays:
+        if len(layout.axes) > aval.ndim or len(layout.spaces) != len(layout.axes) - layout.axes.count(None):
+            return None  # a layout longer than its array, or one space on two axes
+        for space, n in zip(layout.axes, aval.shape):
+            if space is not None and extent.setdefault(space, n) != n:
+                return None
+    must = [layout for layout, m in zip(ins, mapped) if m] + list(outs)
+    if any(not layout.spaces for layout in must):
+        return None
+    folded = frozenset().union(*(layout.spaces for layout in must))
+    while True:
+        grown = folded
+        for layout in ins:
+            if layout.spaces & grown or layout.indexes in grown:
+                if not layout.spaces:
+                    return None  # an index array without a space into a folded space
+                grown |= layout.spaces
+        if grown == folded:
+            break
+        folded = grown
+    for aval, layout in arrays:
+        if len(layout.spaces & folded) > 1:
+            return None  # a batch merges into one axis of an array, not two
+        if layout.indexes in folded:
+            if not jnp.issubdtype(aval.dtype, jnp.integer):
+                return None
+            if size * extent[layout.indexes] > np.iinfo(np.int32).max:
+                return None  # offsets past int32 (the kernels' index type)
+    return {space: extent[space] for space in folded}
+
+
+def _folded_call(target: Target, sizes: Mapping[str, int], args, mapped, size: int):
+    """``target`` on ``size`` calls' arguments (batch axis first where ``mapped``) as one
+    call with the batch folded into the spaces of ``sizes``; outputs batch-first."""
+    folded_args = []
+    for a, layout, m in zip(args, target.in_layouts, mapped):
+        axis = _folded_axis(layout, sizes)
+        if axis is None:  # unmapped, and not in a folded space: shared by every call
+            folded_args.append(a)
+            continue
+        if not m:
+            a = jnp.broadcast_to(a, (size,) + jnp.shape(a))
+        if layout.indexes in sizes:
+            n = sizes[layout.indexes]
+            offsets = (jnp.arange(size, dtype=jnp.int32) * n).reshape((size,) + (1,) * (a.ndim - 1))
+            # out of range stays out of range: -1, never another batch element's index
+            a = jnp.where(in_range(a, n), a.astype(jnp.int32) + offsets, jnp.int32(-1))
+        a = jnp.moveaxis(a, 0, axis)
+        folded_args.append(a.reshape(a.shape[:axis] + (size * a.shape[axis + 1],) + a.shape[axis + 2:]))
+    resized = target.resized({space: size * n for space, n in sizes.items()})
+    outs = bind(resized, *folded_args)
+    unfolded = []
+    for out, layout in zip(outs, target.out_layouts):
+        axis = _folded_axis(layout, sizes)
+        out = out.reshape(out.shape[:axis] + (size, sizes[layout.axes[axis]]) + out.shape[axis + 1:])
+        unfolded.append(jnp.moveaxis(out, axis, 0))
+    return unfolded
+
+
+def _folded_axis(layout: Layout, sizes: Mapping[str, int]) -> int | None:
+    return next((k for k, space in enumerate(layout.axes) if space in sizes), None)
 
 
 def _lowering(platform: str):
@@ -585,6 +800,8 @@ def call(
     args: Sequence,
     row_axes: Sequence[int | None] | None = None,
     out_row_axis: int | None = 0,
+    spaces: Sequence[str] | None = None,
+    out_spaces: str | None = None,
 ) -> jax.Array:
     """``implementations[platform](*args)`` for the platform the program is lowered for.
 
@@ -602,14 +819,23 @@ def call(
         Under a sharded ``jax.jit`` each device then computes its own rows.
       out_row_axis: with ``row_axes``, the output's row axis, or ``None`` for an output
         that sums over the rows (each device sums its own, then one all-reduce).
+      spaces: per argument of ``args`` (each of its arrays), its :class:`Layout` as a
+        string: ``"row"``, ``"species"``, ``"edge -> node"``, ``""``. With ``out_spaces``,
+        ``jax.vmap`` of the op folds the batch into these spaces, one call at bigger sizes
+        (one kernel launch), so the implementations must compute every size from their
+        arguments' shapes. ``None``: ``jax.vmap`` maps the implementations.
+      out_spaces: the output's layout.
     """
     leaves, tree = jax.tree_util.tree_flatten(args)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    in_row_axes = None
-    if row_axes is not None:
-        in_row_axes = tuple(
-            axis for arg, axis in zip(args, row_axes, strict=True) for _ in jax.tree_util.tree_leaves(arg)
-        )
+    per_leaf = lambda per_arg: tuple(
+        value for arg, value in zip(args, per_arg, strict=True) for _ in jax.tree_util.tree_leaves(arg)
+    )
+    in_row_axes = None if row_axes is None else per_leaf(row_axes)
+    in_layouts = out_layouts = None
+    if spaces is not None and out_spaces is not None:
+        in_layouts = per_leaf([Layout.parse(spec) for spec in spaces])
+        out_layouts = (Layout.parse(out_spaces),)
 
     def flat(implementation):
         return lambda *flat_args: (implementation(*jax.tree_util.tree_unflatten(tree, flat_args)),)
@@ -622,5 +848,7 @@ def call(
         in_row_axes=in_row_axes,
         out_row_axes=None if row_axes is None else (out_row_axis,),
         implementations={p: flat(implementations[p]) for p in PLATFORMS},
+        in_layouts=in_layouts,
+        out_layouts=out_layouts,
     )
     return bind(target, *leaves)[0]

@@ -94,6 +94,9 @@ def equivariant_convolution(
         key=(plan, avg_num_neighbors),
         row_axes=(None, 0, 0, 0, 0),  # split over edges; the nodes' sums are all-reduced
         out_row_axis=None,
+        # a batch of graphs is one graph: nodes and edges folded, senders/receivers offset
+        spaces=("node", "edge", "edge", "edge -> node", "edge -> node"),
+        out_spaces="node",
     )
     return impl(x, sh, weights, senders, receivers)
 

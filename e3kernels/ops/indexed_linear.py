@@ -84,6 +84,9 @@ def indexed_linear(
         jax.ShapeDtypeStruct((x.shape[0], plan.dim_out), x.dtype),
         key=(plan, precision),
         row_axes=(0, None, None, 0),
+        # a batch of calls is one call: rows (and species, for per-element weights) folded
+        spaces=("row", "species", "species", "row -> species"),
+        out_spaces="row",
     )
     return impl(x, weights, biases, indices)
 

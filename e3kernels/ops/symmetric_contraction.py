@@ -74,6 +74,10 @@ def symmetric_contraction(
         jax.ShapeDtypeStruct(x.shape[:2] + (plan.dim_out,), x.dtype),
         key=plan,
         row_axes=(0, None, 0),
+        # a batch of calls is one call: rows (and species, for per-element weights) folded;
+        # shared weights have no space, so a batch of them (an ensemble) maps instead
+        spaces=("row", "" if indices is None else "species", "row -> species"),
+        out_spaces="row",
     )
     return impl(x, weights, indices)
 
