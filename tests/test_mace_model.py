@@ -186,14 +186,16 @@ def test_forces_are_minus_the_energy_gradient_float64(params):
             np.testing.assert_allclose(-difference / (2 * h), forces[atom, axis], rtol=1e-6, atol=1e-7)
 
 
-def test_padded_edges_change_nothing(params):
-    padded = mace.pad_edges(*EDGES, len(EDGES[0]) + 5, R_MAX)
-    energy, forces = energy_forces("e3kernels")(params, *GRAPH)
-    energy_p, forces_p = energy_forces("e3kernels")(params, *GRAPH[:2], *(jnp.asarray(a) for a in padded))
+@pytest.mark.parametrize("modules", ["e3kernels", "e3nn-jax"])
+def test_padded_edges_change_nothing(params, modules):
+    padded = mace.pad_edges(*EDGES, len(EDGES[0]) + 5, num_atoms=len(SPECIES))
+    assert set(padded[0][-5:].tolist()) == {len(SPECIES)}  # out of range: dropped, never walked
+    energy, forces = energy_forces(modules)(params, *GRAPH)
+    energy_p, forces_p = energy_forces(modules)(params, *GRAPH[:2], *(jnp.asarray(a) for a in padded))
     assert_close(energy_p, energy, what="energy")
     assert_close(forces_p, forces, what="forces")
     with pytest.raises(ValueError, match="pad_edges: num_edges=3 is fewer than"):
-        mace.pad_edges(*EDGES, 3, R_MAX)
+        mace.pad_edges(*EDGES, 3, num_atoms=len(SPECIES))
 
 
 def test_model_errors():

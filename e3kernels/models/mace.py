@@ -176,31 +176,35 @@ def neighbor_list(positions, cell, r_max: float) -> tuple[np.ndarray, np.ndarray
     return senders[order].astype(np.int32), receivers[order].astype(np.int32), shifts[order]
 
 
-def pad_edges(senders, receivers, shifts, num_edges: int, r_max: float):
+def pad_edges(senders, receivers, shifts, num_edges: int, *, num_atoms: int):
     """Pad an edge list to ``num_edges`` edges that change nothing, so that structures with
-    different edge counts share one shape (to stack them under ``jax.vmap``).
+    different edge counts share one shape (to stack them under ``jax.vmap``, or to reuse
+    one compiled program across MD steps).
 
-    The added edges go from atom 0 to itself, ``2 * r_max`` away. :class:`MACE` gives an
-    edge of length ``>= r_max`` exactly zero weight, and zero gradient: its radial
-    embedding is zero there (the envelope), and the radial networks, which have no bias,
-    map zero to zero when their activation does (``jax.nn.silu``, the default;
-    ``tests/test_mace_model.py`` checks energy and forces are unchanged).
+    The added edges go from atom ``num_atoms`` to itself: an index out of range, so every
+    e3kernels op drops the edge (exactly: whatever its harmonics and weights hold) and no
+    GPU or TPU program walks it; e3nn-jax's ``scatter_sum`` drops it too. This is
+    jraph-style padding without the padding node. Their shift is a unit vector: JAX
+    clamps the out-of-range position gathers onto the last atom, so each padding edge
+    has length 1 and finite harmonics and radial features (a zero-length vector would
+    give NaN derivatives, which a dropped edge never passes on, but a user's own code
+    might).
 
     >>> import numpy as np
-    >>> s, r, sh = pad_edges(np.array([0, 1]), np.array([1, 0]), np.zeros((2, 3)), 4, r_max=5.0)
-    >>> s.tolist(), sh[-1].tolist()
-    ([0, 1, 0, 0], [10.0, 0.0, 0.0])
+    >>> s, r, sh = pad_edges(np.array([0, 1]), np.array([1, 0]), np.zeros((2, 3)), 4, num_atoms=2)
+    >>> s.tolist(), r.tolist(), sh[-1].tolist()
+    ([0, 1, 2, 2], [1, 0, 2, 2], [1.0, 0.0, 0.0])
     """
     senders, receivers, shifts = np.asarray(senders), np.asarray(receivers), np.asarray(shifts)
     extra = num_edges - len(senders)
     if extra < 0:
         raise ValueError(f"pad_edges: num_edges={num_edges} is fewer than the {len(senders)} edges given")
-    _check_positive_float("pad_edges", "r_max", r_max)
-    far = np.zeros((extra, 3), shifts.dtype)
-    far[:, 0] = 2 * r_max
-    zeros = np.zeros(extra, senders.dtype)
-    return (np.concatenate([senders, zeros]), np.concatenate([receivers, zeros.astype(receivers.dtype)]),
-            np.concatenate([shifts, far]))
+    _check_positive_int("pad_edges", "num_atoms", num_atoms)
+    unit = np.zeros((extra, 3), shifts.dtype)
+    unit[:, 0] = 1
+    outside = np.full(extra, num_atoms)
+    return (np.concatenate([senders, outside.astype(senders.dtype)]),
+            np.concatenate([receivers, outside.astype(receivers.dtype)]), np.concatenate([shifts, unit]))
 
 
 # ---- the module implementations a MACE is built from ------------------------------------
@@ -359,7 +363,7 @@ class MACE(hk.Module):
       num_basis: Bessel functions of the radial embedding.
       radial_neurons: the hidden layers of the convolution's radial MLP.
       readout_neurons: the hidden layer of the last interaction's readout MLP.
-      activation: of the MLPs; must map 0 to 0 for :func:`pad_edges`.
+      activation: of the MLPs.
       atomic_energies: ``(num_species,)`` fixed energies per atom of each species
         (MACE's E0s), default zeros.
       energy_scale: multiplies the interactions' energies (MACE scales by the RMS force).

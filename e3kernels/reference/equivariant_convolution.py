@@ -23,7 +23,8 @@ The reference. A plain formulation materialises ``(E, C, dim_out)`` edge message
 does, in every derivative as well); on CPU, writing such fresh arrays of ~100 MB costs more
 than the arithmetic. Here every partial runs over blocks of edges in a ``lax.scan``:
 a block's messages stay in one reused buffer of about a megabyte, sums over edges
-accumulate into the scan's carry (``segment_sum``, deterministic on CPU), and per-edge
+accumulate into the scan's carry (``segment_sum``: a scatter-add, sequential and so
+deterministic on CPU, run with float atomics on GPU), and per-edge
 outputs come out as the scan's stacked results. Per block, ``A[e, i, q] = sum_j T[i, j, q]
 sh[e, j]`` folds the spherical harmonics into the table, so each partial is a few small
 einsums. Edges whose sender or receiver lies outside ``[0, N)`` contribute nothing
