@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_results_close, assert_trees_close, lowered_text
+from conftest import assert_results_close, assert_rounded_once, assert_trees_close, lowered_text
 
 from e3kernels import spec
 from e3kernels._e3nn_private import FunctionalLinear
@@ -173,12 +173,24 @@ def test_bias_only_plan(style):
     assert_results_close(ours, evaluate(case.e3nn_fn, case, 1))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("style", STYLES)
-def test_bfloat16(style):
-    case = Case("3x0e + 5x1o", "4x0e + 3x1o", 3, 19, biases=True, dtype=jnp.bfloat16)
-    ours = evaluate(kernel_fn(style, case.plan), case, 1)
-    expected = evaluate(functools.partial(reference, plan=case.plan), case, 1)
-    assert_results_close(ours, expected, rtol=3e-2, atol=3e-2)
+def test_16_bit_inputs_accumulate_in_float32(style, dtype):
+    """The float32 spec of the same rounded inputs, rounded once: output and gradients."""
+    case = Case("3x0e + 5x1o", "4x0e + 3x1o", 3, 19, biases=True, dtype=dtype)
+    cotangent = np.random.default_rng(3).standard_normal((case.x.shape[0], case.plan.dim_out))
+
+    def value_and_grads(fn, args):
+        out, vjp = jax.vjp(lambda *a: fn(*a, case.indices), *args)
+        return out, vjp(jnp.asarray(cotangent, dtype).astype(out.dtype))
+
+    ours = jax.jit(functools.partial(value_and_grads, kernel_fn(style, case.plan)))(case.args)
+    as32 = jax.tree.map(lambda a: a.astype(jnp.float32), case.args)
+    spec_fn = lambda x, w, b, i: spec.indexed_linear(x, w, b, i, case.plan)
+    expected = jax.jit(functools.partial(value_and_grads, spec_fn))(as32)
+    assert jax.tree.map(lambda a: a.dtype, ours) == jax.tree.map(lambda a: a.dtype, (case.x, case.args))
+    for k, (a, b) in enumerate(zip(jax.tree.leaves(ours), jax.tree.leaves(expected))):
+        assert_rounded_once(a, b, what=f"leaf {k}")
 
 
 @pytest.mark.parametrize("style", STYLES)

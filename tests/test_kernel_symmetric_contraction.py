@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import lowered_text
+from conftest import assert_rounded_once, lowered_text
 from test_symmetric_tensor_product import e3nn_indexed
 
 from e3kernels import backend, ops, spec
@@ -194,17 +194,30 @@ def test_default_row_tiles(style):
     assert_matches(out, oracle(case, "reference"))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("style", STYLES)
-def test_bfloat16_accumulates_in_float32(style):
+def test_16_bit_inputs_accumulate_in_float32(style, dtype):
+    """The float32 spec of the same rounded inputs, rounded once: output and gradients."""
     case = CASES[1]  # shared weights, 100 channels
     x, w, i = inputs(case)
-    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (x, w))
-    out, grads = run(first_order(kernel_fn(case, STYLES[style]), i, cotangent_for(case)), *low)
-    assert out.dtype == jnp.bfloat16
+    low = jax.tree.map(lambda a: a.astype(dtype), (x, w))
+    cotangent = cotangent_for(case).astype(dtype)
+
+    def value_and_grads(f):
+        def g(x, w):
+            out, vjp = jax.vjp(lambda x, w: f(x, w, i), x, w)
+            return out, vjp(cotangent.astype(out.dtype))
+
+        return g
+
+    out, grads = run(value_and_grads(kernel_fn(case, STYLES[style])), *low)
+    expected_out, expected_grads = run(value_and_grads(spec_fn(case)),
+                                       *jax.tree.map(lambda a: a.astype(jnp.float32), low))
+    assert out.dtype == dtype
     assert jax.tree.map(lambda a: a.dtype, grads) == jax.tree.map(lambda a: a.dtype, low)
-    expected_out, expected_grads = oracle(case, "reference", first_order)
-    assert_matches(out, expected_out, rtol=2e-2)
-    assert_matches(grads, expected_grads, rtol=3e-2)
+    assert_rounded_once(out, expected_out, what="out")
+    for k, (a, b) in enumerate(zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads))):
+        assert_rounded_once(a, b, what=f"gradient {k}")
 
 
 @pytest.mark.parametrize("style", STYLES)
