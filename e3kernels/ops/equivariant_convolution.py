@@ -46,8 +46,9 @@ def equivariant_convolution(
         out = e3nn.scatter_sum(msg, dst=receivers, output_size=x.shape[0]) / avg_num_neighbors
 
     The edge messages are never materialised as one ``(E, C, dim_out)`` array, on any
-    backend, and the sums over edges are deterministic (no float atomics). Edges may come
-    in any order.
+    backend. The kernels sum over edges in a fixed order (deterministic, no float
+    atomics), as the reference does on CPU; the reference's scatter-add runs with float
+    atomics on GPU (README, "Determinism"). Edges may come in any order.
 
     Args:
       x: ``(N, C, plan.dim_in)`` node features, ``C`` channels of ``plan.irreps_in``.
@@ -55,7 +56,10 @@ def equivariant_convolution(
       weights: ``(E, plan.num_paths, C)`` per edge, output irrep and channel (typically a
         radial MLP of the edge lengths).
       senders, receivers: ``(E,)`` integer node indices of each edge. Concrete
-        out-of-range indices raise; traced ones drop the edge (it contributes nothing).
+        out-of-range indices raise; traced ones drop the edge: it contributes exactly
+        nothing, to the output and to every derivative, even where its ``sh`` or
+        ``weights`` are NaN or inf (pad with index ``N``:
+        :func:`e3kernels.models.mace.pad_edges`).
       plan: the static :class:`~e3kernels.irreps.ConvolutionPlan`
         (:func:`e3kernels.ops.convolution_plan`).
       avg_num_neighbors: the sum's normalisation.
