@@ -92,7 +92,9 @@ def op(implementation):
     return f
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# Every derivative runs the partials above (form_partial), on every implementation; the
+# Mosaic ones, slow in interpret mode, are checked partial by partial only.
+@pytest.mark.parametrize("implementation", ["reference", "triton"])
 def test_op_to_second_order_ignores_dropped_edges(implementation):
     """Forces on x and sh, then a training gradient of a loss on them (second order)."""
     full, clean, dropped = graphs()
