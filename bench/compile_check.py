@@ -14,8 +14,11 @@ PTX and ptxas only run at ``.compile()``. JAX can compile for devices it does no
 
 Every entry point of the three ops (forward, gradient, second order) is compiled at the
 bench's MACE-M sizes for each target (the convolution: 4000 nodes, 120000 edges); the
-indexed Linear at each matmul precision; and the bench's complete MACE model (1000 atoms),
-energy+forces and training step, every op on the kernels. A control
+indexed Linear at each matmul precision; the three ops at a million edges or rows, forward
+and gradient (the sizes where per-edge index data in SMEM, or per-edge temporaries, stop a
+program from compiling); and the bench's complete MACE model (1000 atoms), energy+forces
+and training step, every op on the kernels. Each entry reports its compile seconds and its
+temporary memory (XLA's memory analysis), beside its kernels' figures. A control
 kernel that the compiler must reject proves it ran. Prints one table per target and
 writes JSON to ``bench/results/``. ``make compile-check`` installs what it needs into
 ``.venv-compile``.
@@ -60,6 +63,8 @@ GPU_TARGETS = Path(__file__).parent / "gpu_targets"
 TPU_TOPOLOGIES = {"TPU v5e": "v5e:2x2", "TPU v6e": "v6e:2x2"}
 GPU_SPECS = {"H100": "h100_sxm.txtpb", "H200": "h200.txtpb"}
 ROWS = 4000
+#: edges (convolution) and rows (indexed Linear, symmetric contraction) of the large entries
+MILLION = 1_000_000
 #: the names our pallas_calls give their kernels
 KERNEL_NAMES = ("indexed_linear_gpu", "indexed_linear_weight_grad_gpu", "sparse_polynomial",
                 "sparse_row_reduction", "indexed_linear_tpu", "indexed_linear_weight_grad_tpu",
@@ -80,6 +85,9 @@ class Kernel:
     spill_load_bytes: int | None = None
     tensor_core_instructions: int | None = None
     error: str | None = None
+    #: the entry's compile time and XLA temporaries (the same on each of its kernels' rows)
+    compile_seconds: float | None = None
+    temp_bytes: int | None = None
 
 
 # ---- the entry points ---------------------------------------------------------------------
@@ -124,7 +132,45 @@ def _entry_points() -> list[tuple[str, Callable, tuple]]:
                                            backend="pallas")
 
     entries += _three_orders("equivariant_convolution", convolve, (xc, per_edge, index), projection)
-    return entries + _mace_entries()
+    return entries + _million_entries() + _mace_entries()
+
+
+def _million_entries():
+    """Forward and gradient at a million edges (the convolution, MACE-M's second interaction,
+    30,000 nodes) or rows. The row ops use smaller irreps than above so that inputs, outputs
+    and their padded kernel layouts fit a v5e's 15.75 GB: ``128x0e+128x1o`` for the Linear
+    (2 GB per array), ``0e+1o`` inputs for the contraction."""
+    f32 = jnp.float32
+    conv = ops.convolution_plan(KEEP, NODE_IRREPS, NODE_IRREPS)
+    nodes = MILLION // 30
+    x = jax.ShapeDtypeStruct((nodes, CHANNELS, conv.dim_in), f32)
+    per_edge = (jax.ShapeDtypeStruct((MILLION, conv.dim_sh), f32),
+                jax.ShapeDtypeStruct((MILLION, conv.num_paths, CHANNELS), f32))
+    index = (jax.ShapeDtypeStruct((MILLION,), jnp.int32),) * 2
+
+    def convolve(x, per_edge, index):
+        return ops.equivariant_convolution(x, *per_edge, *index, conv, avg_num_neighbors=30.0,
+                                           backend="pallas")
+
+    irreps = f"{CHANNELS}x0e + {CHANNELS}x1o"
+    linear = ops.linear_plan(irreps, irreps)
+    rows = jax.ShapeDtypeStruct((MILLION, linear.dim_in), f32)
+    weights = [jax.ShapeDtypeStruct(s, f32) for s in linear.weight_shapes(SPECIES)]
+    species = jax.ShapeDtypeStruct((MILLION,), jnp.int32)
+
+    def apply(x, w, i):
+        return ops.indexed_linear(x, w, i, linear, backend="pallas")
+
+    plan = ops.symmetric_contraction_plan(KEEP, ORDERS, keep_irrep_out=KEEP)
+    xs = jax.ShapeDtypeStruct((MILLION, CHANNELS, plan.dim_in), f32)
+    ws = [jax.ShapeDtypeStruct((SPECIES, p.mul, CHANNELS), f32) for p in plan.paths]
+
+    def contract(x, w, i):
+        return ops.symmetric_contraction(x, w, plan, indices=i, backend="pallas")
+
+    return (_two_orders("equivariant_convolution 1M edges", convolve, (x, per_edge, index))
+            + _two_orders("indexed_linear 1M rows", apply, (rows, weights, species))
+            + _two_orders("symmetric_contraction 1M rows", contract, (xs, ws, species)))
 
 
 def _mace_entries(atoms: int = 1000):
@@ -135,6 +181,17 @@ def _mace_entries(atoms: int = 1000):
     candidate = next(c for c in mace_model(atoms, "gpu") if c.name == "e3kernels pallas")
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), candidate.args)
     return [("mace energy+forces", candidate.fwd, args), ("mace training step", candidate.fwd_bwd, args)]
+
+
+def _two_orders(name, apply, args):
+    """The forward pass and the gradient of ``sum(sin(out))``: a cotangent computed in the
+    program, where a projection array as :func:`_three_orders`' would be a constant of the
+    output's size."""
+
+    def energy(x, w, i):
+        return jnp.sum(jnp.sin(apply(x, w, i)))
+
+    return [(f"{name} fwd", apply, args), (f"{name} grad", jax.grad(energy, argnums=(0, 1)), args)]
 
 
 def _three_orders(name, apply, args, projection):
@@ -176,17 +233,28 @@ def _compile(fn, args, device, platform, options=None):
     return _lowered(fn, args, device, platform).compile(compiler_options=options)
 
 
+def _timed_compile(fn, args, device, platform, options=None):
+    """The compiled program and its figures: compile seconds (lowering included) and XLA's
+    temporary bytes."""
+    start = time.perf_counter()
+    compiled = _compile(fn, args, device, platform, options)
+    seconds = time.perf_counter() - start
+    return compiled, {"compile_seconds": seconds, "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+
+
 def tpu_target(name: str, device, entries, progress) -> list[Kernel]:
     kernels = []
     for entry, fn, args in entries:
         progress(f"  {name}: {entry}")
         try:
-            text = _compile(fn, args, device, "tpu").as_text()
+            compiled, figures = _timed_compile(fn, args, device, "tpu")
         except Exception as error:  # noqa: BLE001 - reported per entry, the check goes on
             kernels.append(Kernel(name, entry, "-", error=_short(error)))
             continue
+        text = compiled.as_text()
         found = [k for k in KERNEL_NAMES if re.search(rf"\b{k}\b", text)]
-        kernels += [Kernel(name, entry, k) for k in found] or [Kernel(name, entry, "-", error="no kernel")]
+        kernels += ([Kernel(name, entry, k, **figures) for k in found]
+                    or [Kernel(name, entry, "-", error="no kernel", **figures)])
     return kernels
 
 
@@ -198,11 +266,13 @@ def gpu_target(name: str, device, entries, ptxas: str, progress) -> list[Kernel]
             try:
                 # XLA's own dots through cuBLAS: without a device, its Triton GEMM fusions
                 # cannot be autotuned and some fail to find tile sizes (the model's Linears)
-                _compile(fn, args, device, "cuda", {"xla_dump_to": dump, "xla_gpu_enable_triton_gemm": False})
+                _, figures = _timed_compile(fn, args, device, "cuda",
+                                            {"xla_dump_to": dump, "xla_gpu_enable_triton_gemm": False})
             except Exception as error:  # noqa: BLE001
                 kernels.append(Kernel(name, entry, "-", error=_short(error)))
                 continue
-            kernels += _gpu_kernels(name, entry, Path(dump), ptxas)
+            found = _gpu_kernels(name, entry, Path(dump), ptxas)
+            kernels += [dataclasses.replace(k, **figures) for k in found]
     return kernels
 
 
@@ -296,13 +366,16 @@ def _short(error: Exception) -> str:
 
 
 def table(kernels: list[Kernel]) -> str:
-    header = ("| entry point | kernel | grid | shared memory B | registers | spill stores / loads B "
-              "| tensor-core instrs | error |")
-    lines = [header, "|" + "---|" * 8]
+    header = ("| entry point | compile s | temporaries MB | kernel | grid | shared memory B | registers "
+              "| spill stores / loads B | tensor-core instrs | error |")
+    lines = [header, "|" + "---|" * 10]
     for k in kernels:
         spills = "-" if k.spill_store_bytes is None else f"{k.spill_store_bytes} / {k.spill_load_bytes}"
+        seconds = "-" if k.compile_seconds is None else f"{k.compile_seconds:.1f}"
+        temporaries = "-" if k.temp_bytes is None else f"{k.temp_bytes / 2**20:.0f}"
         lines.append(
-            f"| {k.entry} | {k.kernel} | {k.grid} | {_dash(k.shared_bytes)} | {_dash(k.registers)} "
+            f"| {k.entry} | {seconds} | {temporaries} | {k.kernel} | {k.grid} | {_dash(k.shared_bytes)} "
+            f"| {_dash(k.registers)} "
             f"| {spills} | {_dash(k.tensor_core_instructions)} | {k.error or ''} |"
         )
     return "\n".join(lines)

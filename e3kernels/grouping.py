@@ -116,13 +116,13 @@ def tile_summary(tiles: RowTiles, num_groups: int) -> tuple[jax.Array, jax.Array
     The schedule in a size that grows with the groups, not with the rows: what a Mosaic
     kernel keeps in SMEM (1 MiB), reading each tile back with :func:`locate_tile`.
     """
-    num_tiles_, num_rows = tiles.group.shape[0], tiles.slot.shape[0]
+    tile_count, num_rows = tiles.group.shape[0], tiles.slot.shape[0]
     groups = jnp.arange(num_groups + 1, dtype=tiles.group.dtype)
     first = jnp.searchsorted(tiles.group, groups, side="left").astype(jnp.int32)
     first = jnp.concatenate([first, jnp.sum(tiles.end > tiles.start, dtype=jnp.int32)[None]])
     # a group's first tile starts at its first row; an empty or unused one at its successor's
-    starts = tiles.start[jnp.minimum(first, max(num_tiles_ - 1, 0))] if num_tiles_ else first
-    bounds = jnp.where(first < num_tiles_, starts, num_rows).astype(jnp.int32)
+    starts = tiles.start[jnp.minimum(first, max(tile_count - 1, 0))] if tile_count else first
+    bounds = jnp.where(first < tile_count, starts, num_rows).astype(jnp.int32)
     return first, bounds
 
 

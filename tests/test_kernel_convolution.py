@@ -6,12 +6,13 @@ second order against the spec, and lowering for real hardware.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, assert_trees_close, lowered_text
+from conftest import assert_close, assert_rounded_once, assert_trees_close, lowered_text
 from test_convolution import PLAN, Graph, force_training_loss, projection_for, spec_conv
 
 from e3kernels import ops
@@ -69,16 +70,27 @@ def test_op_to_second_order_equals_the_spec(style):
     assert_trees_close(loss(f)(params, g.x), loss(spec_conv())(params, g.x), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("style", STYLES)
-def test_bfloat16_accumulates_in_float32(style):
-    g = busy_graph(dtype=jnp.bfloat16)
-    out = kernels.equivariant_convolution(g.x, g.sh, g.weights, *g.edges, plan=PLAN, avg_num_neighbors=1.0,
-                                          config=STYLES[style])
-    assert out.dtype == jnp.bfloat16
+def test_16_bit_inputs_accumulate_in_float32(style, dtype):
+    """The float32 spec of the same rounded inputs, rounded once: output and gradients."""
+    g = busy_graph(dtype=dtype)
+    projection = projection_for(g).astype(dtype)
+
+    def value_and_grads(f, x, params):
+        out, vjp = jax.vjp(lambda x, params: f(x, params, g.edges), x, params)
+        return out, vjp(projection.astype(out.dtype))
+
+    def ours(x, params, edges):
+        return kernels.equivariant_convolution(x, *params, *edges, plan=PLAN, avg_num_neighbors=2.5,
+                                               config=STYLES[style])
+
+    got = jax.jit(functools.partial(value_and_grads, ours))(g.x, (g.sh, g.weights))
     as32 = jax.tree.map(lambda a: a.astype(jnp.float32), (g.x, (g.sh, g.weights)))
-    expected = spec_conv(avg_num_neighbors=1.0)(*as32, g.edges)
-    # rounded once, to bfloat16, at the end
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), rtol=1e-2, atol=1e-2)
+    expected = jax.jit(functools.partial(value_and_grads, spec_conv(avg_num_neighbors=2.5)))(*as32)
+    for name, a, b in zip(("out", "x", "sh", "weights"), jax.tree.leaves(got), jax.tree.leaves(expected)):
+        assert a.dtype == dtype, name
+        assert_rounded_once(a, b, what=name)
 
 
 def test_the_backend_runs_the_interpret_kernel():
@@ -123,3 +135,26 @@ def test_lowers_at_mace_size_to_second_order(platform, config, marker):
     text = lowered_text(jax.grad(loss, argnums=(0, 1)), platform, params, x)
     names = ("convolution_node_partial", "convolution_weights_partial", "convolution_sh_partial")
     assert text.count(marker) >= 6 and all(name in text for name in names)
+
+
+# ---- Mosaic layouts the cases above do not reach ---------------------------------------------
+
+MOSAIC_LAYOUTS = {
+    # 260 channels: three 128-lane blocks, the last one mostly padding
+    "channel blocks": (STYLES["mosaic"], 260),
+    # tiles of 16 edges: node 2's 20 edges span two
+    "default tile": (kernels.MOSAIC_INTERPRET, 3),
+}
+
+
+@pytest.mark.parametrize("which", ["x", "sh", "weights", "out"])
+@pytest.mark.parametrize("layout", MOSAIC_LAYOUTS)
+def test_mosaic_partials_over_channel_blocks_and_the_default_tile(layout, which):
+    config, channels = MOSAIC_LAYOUTS[layout]
+    which = ("x", "sh", "weights", "out").index(which)
+    g = busy_graph(channels=channels)
+    args = partial_args(g, which)
+    ours = kernels.KernelPartials(PLAN, config)(which, jnp.float32, args, *g.edges, 7)
+    expected = reference.ReferencePartials(PLAN)(which, jnp.float32, args, *g.edges, 7)
+    assert ours.shape == expected.shape
+    assert_close(ours, expected, rtol=1e-5, atol=1e-5)

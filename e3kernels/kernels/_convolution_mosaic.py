@@ -1,19 +1,26 @@
 """TPU (Mosaic) Pallas kernels for the equivariant convolution's partials.
 
-Layout: edges on sublanes, 128 channels on lanes; a grid step takes one tile of
-``ROW_BLOCK`` edges and one channel block, and works on slabs of 8 edges.
+Layout: edges on sublanes, 128 channels on lanes; a kernel works on tiles of ``ROW_BLOCK``
+edges and one channel block, in slabs of 8 edges.
 
-* Node features stay in HBM, as ``(N, size, C_pad)`` (an XLA transpose of the node array,
-  node-sized), and each tile gathers its edges' rows with one DMA per edge, the node
-  indices coming through scalar prefetch: the gathered rows exist only in VMEM.
-* Per-edge inputs are laid out by XLA in the tiles' edge order: the weights as
-  ``(P, slots, C_pad)`` (a slab of one path is one vreg), the spherical harmonics as
-  ``(slots, dim_sh + 1)``, whose last column says whether the slot holds a valid edge; a
-  harmonic's column is broadcast over the lanes in the kernel.
+* Every per-edge or per-node operand stays where it is in HBM, in its own dtype: a tile
+  gathers its edges' rows with one DMA per edge and operand (node features, weights,
+  spherical harmonics), so the gathered rows exist only in VMEM and no per-edge array is
+  copied or converted to float32. Node features are read as ``(N, size, C_pad)`` (an XLA
+  transpose of the node array, node-sized), a row of one node being ``(size, 128)``; per-edge
+  weights as ``(P, E, C_pad)``, the layout XLA gives ``(E, P, C)`` on TPU (edges on
+  sublanes, so ``P`` is not padded to 8 rows), where the transpose is free.
+* SMEM holds no array that grows with the edges (it has 1 MiB): the edge indices a tile needs
+  are DMAed into SMEM scratch per tile, as a blocked SMEM input (edge partials) or by hand,
+  one tile ahead (node partials).
 * Node partials sort the edges by the node they sum into
-  (:func:`e3kernels.grouping.grouped_row_tiles`) and accumulate into that node's output
-  block over its consecutive tiles (the tile grid axis is ``arbitrary``), as the symmetric
-  contraction's row reduction does; nodes without edges are never visited and read as zero.
+  (:func:`e3kernels.grouping.grouped_row_tiles`); a grid step owns a block of
+  ``NODE_BLOCK`` nodes, its output block, and loops over those nodes' tiles, accumulating each
+  tile into its node's row. Both grid axes are then ``parallel``, every node is written (zero
+  without edges), and no output block index depends on data.
+* An edge with an end out of range contributes nothing: node partials drop it from the
+  schedule, edge partials skip its DMAs; slots without an edge keep stale VMEM, which the
+  kernels mask with ``jnp.where``.
 * ``dF/dsh`` sums over the lanes in the kernel and XLA adds the channel blocks.
 """
 
@@ -28,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import cdiv, grouped_row_tiles, shared_row_tiles
+from e3kernels.grouping import cdiv, grouped_row_tiles, in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._sparse_polynomial_mosaic import LANES, SUBLANES, _for_each_slab
@@ -36,6 +43,11 @@ from e3kernels.kernels._term_unrolling import row_sum
 from e3kernels.reference.equivariant_convolution import OUT
 
 ROW_BLOCK = 16
+#: nodes per grid step of a node partial: the rows of its output block
+NODE_BLOCK = 8
+#: a node partial's per-tile record (:func:`_node_schedule`): its node within the node
+#: block, its edge count, then per slot its edge and the edge's other end
+_NODE, _COUNT, _SLOTS = 0, 1, 2
 
 
 def _row_block(config: KernelConfig) -> int:
@@ -46,64 +58,56 @@ def _padded(num_channels: int) -> int:
     return cdiv(num_channels, LANES) * LANES
 
 
+def _channels_padded(array: jax.Array) -> jax.Array:
+    """The last (channel) axis padded to whole lane blocks (no copy when it is one already)."""
+    pad = _padded(array.shape[-1]) - array.shape[-1]
+    return jnp.pad(array, ((0, 0),) * (array.ndim - 1) + ((0, pad),)) if pad else array
+
+
 def _nodes_in_hbm(nodes: jax.Array) -> jax.Array:
-    """``(N, C, size)`` -> ``(N, size, C_pad)`` float32, what the DMAs gather rows from."""
-    num_channels = nodes.shape[1]
-    nodes = jnp.transpose(nodes, (0, 2, 1)).astype(jnp.float32)
-    return jnp.pad(nodes, ((0, 0), (0, 0), (0, _padded(num_channels) - num_channels)))
+    """``(N, C, size)`` -> ``(N, size, C_pad)``, what the DMAs gather rows from."""
+    return _channels_padded(jnp.transpose(nodes, (0, 2, 1)))
 
 
-def _per_slot(array: jax.Array, slots: jax.Array) -> jax.Array:
-    return jnp.take(array, slots, axis=0, mode="fill", fill_value=0)
+def _paths_first(weights: jax.Array) -> jax.Array:
+    """``(E, P, C)`` -> ``(P, E, C_pad)`` (see the module's docstring)."""
+    return jnp.transpose(_channels_padded(weights), (1, 0, 2))
 
 
-def _weights_in_slots(weights, slots):
-    """``(E, P, C)`` -> ``(P, slots, C_pad)`` float32."""
-    num_channels = weights.shape[2]
-    tiled = jnp.transpose(_per_slot(weights, slots), (1, 0, 2)).astype(jnp.float32)
-    return jnp.pad(tiled, ((0, 0), (0, 0), (0, _padded(num_channels) - num_channels)))
+def _lanes(block) -> pl.Slice:
+    return pl.ds(pl.multiple_of(block * LANES, LANES), LANES)
 
 
-def _harmonics_in_slots(sh, slots, valid):
-    """``(slots, dim_sh + 1)`` float32, the last column 1 where the slot's edge counts."""
-    return jnp.concatenate([_per_slot(sh, slots).astype(jnp.float32), valid[:, None].astype(jnp.float32)], 1)
+def _gather(copies, keep, mask):
+    """One tile's gathers: the DMAs ``copies[k]`` of slot ``k``, made where ``keep[k]``. Row
+    ``k`` of ``mask`` then says whether the slot holds an edge: the others hold stale or
+    uninitialised data, which the kernels drop with ``jnp.where``."""
+    for k, (slot_copies, slot_kept) in enumerate(zip(copies, keep)):
+        mask[pl.ds(k, 1), :] = jnp.broadcast_to(jnp.where(slot_kept, 1.0, 0.0), (1, LANES))
+        pl.when(slot_kept)(functools.partial(_start, slot_copies))
+    for slot_copies, slot_kept in zip(copies, keep):
+        pl.when(slot_kept)(functools.partial(_wait, slot_copies))
 
 
-def _node_index(index, num_nodes):
-    ok = (index >= 0) & (index < num_nodes)
-    return jnp.where(ok, index, 0).astype(jnp.int32), ok
+def _start(copies):
+    for copy in copies:
+        copy.start()
 
 
-class _Gather:
-    """One DMA per slot of the tile: ``buffer[k] = nodes[index[slot k], :, channel block]``."""
-
-    def __init__(self, index_ref, nodes_hbm, buffer, semaphores, row_block):
-        tile, block = pl.program_id(1), pl.program_id(0)
-        self.copies = [
-            pltpu.make_async_copy(
-                nodes_hbm.at[index_ref[tile * row_block + k], :, pl.ds(block * LANES, LANES)],
-                buffer.at[k], semaphores.at[k],
-            )
-            for k in range(row_block)
-        ]
-
-    def __enter__(self):
-        for copy in self.copies:
-            copy.start()
-        for copy in self.copies:
-            copy.wait()
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _wait(copies):
+    for copy in copies:
+        copy.wait()
 
 
-def _harmonic_columns(sh_ref, rows, columns, dim_sh):
-    used = _kernels().used_harmonics(columns)
+def _slab_mask(mask, rows):
+    return mask[rows, :] > 0
+
+
+def _harmonic_columns(sh, rows, columns):
+    """The harmonics the terms read, each an 8-edge column broadcast over the lanes."""
     shape = (SUBLANES, LANES)
-    sh = {j: jnp.broadcast_to(sh_ref[rows, pl.ds(j, 1)], shape) for j in used}
-    valid = jnp.broadcast_to(sh_ref[rows, pl.ds(dim_sh, 1)], shape) > 0
-    return sh, valid
+    return {j: jnp.broadcast_to(sh[rows, pl.ds(j, 1)].astype(jnp.float32), shape)
+            for j in _kernels().used_harmonics(columns)}
 
 
 def _term_sum(terms, left, right):
@@ -117,6 +121,32 @@ def _term_sum(terms, left, right):
 # ---- node partials ---------------------------------------------------------------------------
 
 
+def _node_schedule(sources, destinations, num_nodes, row_block):
+    """The tiles of a node partial and which belong to each node block.
+
+    Returns ``block_tiles``, ``(node blocks, 1, 2)``: the first and one-past-last tile of each
+    block of ``NODE_BLOCK`` nodes (a node's tiles are consecutive), and ``tile_slots``,
+    ``(tiles, 2 + 2 * row_block)`` int32: per tile its node (within its block), its edge
+    count and, per slot, the edge and the node at its other end (0 for an empty slot, whose
+    DMAs are skipped). Edges with an end out of range join the dropped group ``N``, whose
+    tiles no block visits.
+    """
+    num_edges = sources.shape[0]
+    kept = jnp.where(in_range(sources, num_nodes), destinations, num_nodes)
+    tiles = grouped_row_tiles(kept, num_nodes, row_block)
+    edge = tiles.rows_of_slots(row_block).reshape(-1, row_block)
+    has_edge = edge < num_edges
+    edge = jnp.where(has_edge, edge, 0)
+    source = jnp.where(has_edge, sources[edge], 0)
+    tile_slots = jnp.concatenate(
+        [(tiles.group % NODE_BLOCK)[:, None], (tiles.end - tiles.start)[:, None], edge, source], axis=1
+    ).astype(jnp.int32)
+    block_starts = jnp.minimum(jnp.arange(cdiv(num_nodes, NODE_BLOCK) + 1) * NODE_BLOCK, num_nodes)
+    first_tile = jnp.searchsorted(tiles.group, block_starts.astype(jnp.int32), side="left").astype(jnp.int32)
+    block_tiles = jnp.stack([first_tile[:-1], first_tile[1:]], axis=1)[:, None, :]
+    return block_tiles, tile_slots
+
+
 def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources, destinations, out_dtype, *,
                  config: KernelConfig):
     """``which == OUT``: the convolution (``nodes`` = x, gathered at the senders, summed into
@@ -124,145 +154,199 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     from e3kernels.kernels.equivariant_convolution import column_terms
 
     num_nodes, num_channels, in_size = nodes.shape
-    num_edges = sources.shape[0]
     out_size = plan.dim_out if which == OUT else plan.dim_in
     row_block = _row_block(config)
-    tiles = grouped_row_tiles(destinations, num_nodes, row_block)  # invalid destinations: group N
-    slots = tiles.rows_of_slots(row_block)  # num_edges: padding
-    source, source_ok = _node_index(_per_slot(sources, slots), num_nodes)
-    valid = (slots < num_edges) & source_ok
-    group = tiles.group
-    first = jnp.concatenate([jnp.ones(1, bool), group[1:] != group[:-1]]).astype(jnp.int32)
-    count = tiles.end - tiles.start
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
-        grid=(_padded(num_channels) // LANES, group.shape[0]),
+    block_tiles, tile_slots = _node_schedule(sources, destinations, num_nodes, row_block)
+    grid_spec = pl.GridSpec(
+        grid=(_padded(num_channels) // LANES, block_tiles.shape[0]),
         in_specs=[
+            pl.BlockSpec((None, 1, 2), lambda c, b: (b, 0, 0), memory_space=pltpu.SMEM),
             pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec((row_block, plan.dim_sh + 1), lambda c, t, *_: (t, 0)),
-            pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t, *_: (0, t, c)),
+            pl.BlockSpec(memory_space=pl.ANY),
+            pl.BlockSpec(memory_space=pl.ANY),
+            pl.BlockSpec(memory_space=pl.ANY),
         ],
-        out_specs=pl.BlockSpec((1, out_size, LANES), lambda c, t, group, *_: (group[t], 0, c)),
-        scratch_shapes=[pltpu.VMEM((row_block, in_size, LANES), jnp.float32),
-                        pltpu.SemaphoreType.DMA((row_block,))],
+        out_specs=pl.BlockSpec((NODE_BLOCK, out_size, LANES), lambda c, b: (b, 0, c)),
+        scratch_shapes=[
+            pltpu.SMEM((2,) + tile_slots.shape[1:], jnp.int32), pltpu.SemaphoreType.DMA((2,)),
+            pltpu.VMEM((row_block, in_size, LANES), nodes.dtype),
+            pltpu.VMEM((row_block, plan.num_paths, LANES), weights.dtype),
+            pltpu.VMEM((row_block, plan.dim_sh), sh.dtype),
+            pltpu.VMEM((row_block, LANES), jnp.float32),
+            pltpu.SemaphoreType.DMA((3, row_block)),
+        ],
     )
-    kernel = functools.partial(
-        _node_kernel, which=which, columns=column_terms(plan), dim_sh=plan.dim_sh, num_nodes=num_nodes,
-        row_block=row_block,
-    )
+    kernel = functools.partial(_node_kernel, which=which, columns=column_terms(plan), row_block=row_block)
     sums = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_nodes + 1, out_size, _padded(num_channels)), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((num_nodes, out_size, _padded(num_channels)), jnp.float32),
         grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=config.pallas_interpret,
         name="convolution_node_partial",
-    )(group, first, count, source, _nodes_in_hbm(nodes), _harmonics_in_slots(sh, slots, valid),
-      _weights_in_slots(weights, slots))
-    visited = jnp.zeros(num_nodes + 1, bool).at[group].set(True)[:num_nodes]  # others: never written
-    sums = jnp.where(visited[:, None, None], sums[:num_nodes, :, :num_channels], 0.0)
-    return jnp.transpose(sums, (0, 2, 1)).astype(out_dtype)
+    )(block_tiles, tile_slots, _nodes_in_hbm(nodes), sh, _paths_first(weights))
+    return jnp.transpose(sums[:, :, :num_channels], (0, 2, 1)).astype(out_dtype)
 
 
-def _node_kernel(group_ref, first_ref, count_ref, source_ref, nodes_hbm, sh_ref, weights_ref, out_ref, buffer,
-                 semaphores, *, which, columns, dim_sh, num_nodes, row_block):
-    tile = pl.program_id(1)
+def _node_kernel(block_tiles_ref, tile_slots_hbm, nodes_hbm, sh_hbm, weights_hbm, out_ref, tile_slots,
+                 tile_slot_sems, node_buffer, weight_buffer, sh_buffer, mask, sems, *, which, columns,
+                 row_block):
+    first, end = block_tiles_ref[0, 0], block_tiles_ref[0, 1]
+    lanes = _lanes(pl.program_id(0))
+    out_ref[...] = jnp.zeros_like(out_ref)  # nodes without edges stay zero
 
-    @pl.when(first_ref[tile] == 1)  # a node's tiles are consecutive: accumulate in place
+    def fetch_slots(tile):  # double-buffered: tile t's record goes to tile_slots[t % 2]
+        parity = lax.rem(tile, 2)
+        return pltpu.make_async_copy(tile_slots_hbm.at[tile], tile_slots.at[parity],
+                                     tile_slot_sems.at[parity])
+
+    @pl.when(first < end)
     def _():
-        out_ref[...] = jnp.zeros_like(out_ref)
+        fetch_slots(first).start()
 
-    def slab(rows):
-        sh, valid = _harmonic_columns(sh_ref, rows, columns, dim_sh)
-        gathered = lambda column: buffer[rows, column, :]
-        weight = lambda p: weights_ref[p, rows, :]
-        if which == OUT:
-            used = _kernels().used_inputs(columns)
-            xs = {i: gathered(i) for i in used}
-            totals = {q: _term_sum(terms, xs, sh) * weight(p) for q, p, terms in columns}
-        else:
-            totals = {}
-            for q, p, terms in columns:
-                t = gathered(q) * weight(p)
-                for i, j, coef in terms:
-                    value = t * sh[j] * jnp.float32(coef)
-                    totals[i] = value if i not in totals else totals[i] + value
-        for column, total in totals.items():
-            row = pl.ds(column, 1)
-            total = jnp.where(valid, total, 0.0)  # padding slots may have gathered anything
-            out_ref[0, row, :] = out_ref[0, row, :] + row_sum(total, keepdims=True)
+    def tile_step(tile, carry):
+        fetch_slots(tile).wait()
 
-    @pl.when((count_ref[tile] > 0) & (group_ref[tile] < num_nodes))
-    def _():
-        with _Gather(source_ref, nodes_hbm, buffer, semaphores, row_block):
-            _for_each_slab(row_block, slab)
+        @pl.when(tile + 1 < end)
+        def _():
+            fetch_slots(tile + 1).start()
+
+        record = tile_slots.at[lax.rem(tile, 2)]
+        node, count = record[_NODE], record[_COUNT]
+        copies = []
+        for k in range(row_block):
+            edge, source = record[_SLOTS + k], record[_SLOTS + row_block + k]
+            copies.append((
+                pltpu.make_async_copy(nodes_hbm.at[source, :, lanes], node_buffer.at[k], sems.at[0, k]),
+                pltpu.make_async_copy(weights_hbm.at[:, edge, lanes], weight_buffer.at[k], sems.at[1, k]),
+                pltpu.make_async_copy(sh_hbm.at[edge], sh_buffer.at[k], sems.at[2, k]),
+            ))
+
+        def slab(rows):
+            sh = _harmonic_columns(sh_buffer, rows, columns)
+            valid = _slab_mask(mask, rows)
+            gathered = lambda column: node_buffer[rows, column, :].astype(jnp.float32)
+            weight = lambda p: weight_buffer[rows, p, :].astype(jnp.float32)
+            if which == OUT:
+                xs = {i: gathered(i) for i in _kernels().used_inputs(columns)}
+                totals = {q: _term_sum(terms, xs, sh) * weight(p) for q, p, terms in columns}
+            else:
+                totals = {}
+                for q, p, terms in columns:
+                    t = gathered(q) * weight(p)
+                    for i, j, coef in terms:
+                        value = t * sh[j] * jnp.float32(coef)
+                        totals[i] = value if i not in totals else totals[i] + value
+            for column, total in totals.items():
+                row = pl.ds(column, 1)
+                total = jnp.where(valid, total, 0.0)
+                out_ref[node, row, :] = out_ref[node, row, :] + row_sum(total, keepdims=True)
+
+        _gather(copies, [count > k for k in range(row_block)], mask)
+        _for_each_slab(row_block, slab)
+        return carry
+
+    lax.fori_loop(first, end, tile_step, 0)
 
 
 # ---- edge partials ---------------------------------------------------------------------------
 
 
-def _edge_operands(senders, receivers, num_nodes, row_block):
+def _edge_ends(senders, receivers, row_block):
+    """``(tiles, 2, row_block)`` int32: each tile's senders and receivers, the slots past the
+    last edge -1 (out of range): the edge partials' blocked SMEM input."""
     num_edges = senders.shape[0]
-    tiles = shared_row_tiles(num_edges, row_block)
-    slots = tiles.rows_of_slots(row_block)  # num_edges: padding
-    sender, sender_ok = _node_index(_per_slot(senders, slots), num_nodes)
-    receiver, receiver_ok = _node_index(_per_slot(receivers, slots), num_nodes)
-    valid = (slots < num_edges) & sender_ok & receiver_ok
-    return tiles, slots, sender, receiver, valid
+    pad = cdiv(num_edges, row_block) * row_block - num_edges
+    ends = jnp.stack([senders, receivers]).astype(jnp.int32)
+    ends = jnp.pad(ends, ((0, 0), (0, pad)), constant_values=-1)
+    return jnp.transpose(ends.reshape(2, -1, row_block), (1, 0, 2))
+
+
+def _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block):
+    """An edge partial's gathers: ``x`` at the senders and ``g`` at the receivers of the tile's
+    edges with both ends in range."""
+    lanes = _lanes(pl.program_id(0))
+    copies, keep = [], []
+    for k in range(row_block):
+        sender, receiver = ends_ref[0, k], ends_ref[1, k]
+        ok = in_range(sender, num_nodes) & in_range(receiver, num_nodes)
+        sender, receiver = jnp.where(ok, sender, 0), jnp.where(ok, receiver, 0)
+        copies.append((
+            pltpu.make_async_copy(x_hbm.at[sender, :, lanes], x_buffer.at[k], sems.at[0, k]),
+            pltpu.make_async_copy(g_hbm.at[receiver, :, lanes], g_buffer.at[k], sems.at[1, k]),
+        ))
+        keep.append(ok)
+    _gather(copies, keep, mask)
+
+
+def _edge_call(kernel, plan, x, g, senders, receivers, in_specs, out_specs, out_shape, name, *,
+               config: KernelConfig):
+    """An edge partial's ``pallas_call``: grid (channel blocks, edge tiles), the tile's edge
+    ends in SMEM, the node arrays gathered from HBM, then ``in_specs``' operands."""
+    num_nodes, num_channels, _ = x.shape
+    row_block = _row_block(config)
+    ends = _edge_ends(senders, receivers, row_block)
+    grid_spec = pl.GridSpec(
+        grid=(_padded(num_channels) // LANES, ends.shape[0]),
+        in_specs=[
+            pl.BlockSpec((None, 2, row_block), lambda c, t: (t, 0, 0), memory_space=pltpu.SMEM),
+            pl.BlockSpec(memory_space=pl.ANY),
+            pl.BlockSpec(memory_space=pl.ANY),
+        ] + in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM((row_block, plan.dim_in, LANES), x.dtype),
+                        pltpu.VMEM((row_block, plan.dim_out, LANES), g.dtype),
+                        pltpu.VMEM((row_block, LANES), jnp.float32),
+                        pltpu.SemaphoreType.DMA((2, row_block))],
+    )
+    return functools.partial(
+        pl.pallas_call(
+            functools.partial(kernel, num_nodes=num_nodes, row_block=row_block),
+            out_shape=out_shape,
+            grid_spec=grid_spec,
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+            interpret=config.pallas_interpret,
+            name=name,
+        ),
+        ends, _nodes_in_hbm(x), _nodes_in_hbm(g),
+    )
 
 
 def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dtype, *, config: KernelConfig):
-    """``gw[e, p, c] = sum_{q in p} g[r_e, c, q] sum_ij T x[s_e, c, i] sh[e, j]``."""
+    """``gw[e, p, c] = sum_{q in p} g[r_e, c, q] sum_ij T x[s_e, c, i] sh[e, j]``, written as
+    ``(P, E, C_pad)`` (see :func:`_paths_first`)."""
     from e3kernels.kernels.equivariant_convolution import column_terms
 
-    num_nodes, num_channels, _ = x.shape
     num_edges = senders.shape[0]
+    num_channels = x.shape[1]
     row_block = _row_block(config)
-    _, slots, sender, receiver, valid = _edge_operands(senders, receivers, num_nodes, row_block)
-    num_slots = slots.shape[0]
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(_padded(num_channels) // LANES, num_slots // row_block),
-        in_specs=[
-            pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec((row_block, plan.dim_sh + 1), lambda c, t, *_: (t, 0)),
-        ],
-        out_specs=pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t, *_: (0, t, c)),
-        scratch_shapes=[pltpu.VMEM((row_block, plan.dim_in, LANES), jnp.float32),
-                        pltpu.VMEM((row_block, plan.dim_out, LANES), jnp.float32),
-                        pltpu.SemaphoreType.DMA((row_block,)), pltpu.SemaphoreType.DMA((row_block,))],
+    call = _edge_call(
+        functools.partial(_weights_kernel, columns=column_terms(plan), num_paths=plan.num_paths),
+        plan, x, g, senders, receivers,
+        in_specs=[pl.BlockSpec((row_block, plan.dim_sh), lambda c, t: (t, 0))],
+        out_specs=pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t: (0, t, c)),
+        out_shape=jax.ShapeDtypeStruct((plan.num_paths, num_edges, _padded(num_channels)), out_dtype),
+        name="convolution_weights_partial", config=config,
     )
-    kernel = functools.partial(_weights_kernel, columns=column_terms(plan), num_paths=plan.num_paths,
-                               dim_sh=plan.dim_sh, row_block=row_block)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((plan.num_paths, num_slots, _padded(num_channels)), jnp.float32),
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=config.pallas_interpret,
-        name="convolution_weights_partial",
-    )(sender, receiver, _nodes_in_hbm(x), _nodes_in_hbm(g), _harmonics_in_slots(sh, slots, valid))
-    return jnp.transpose(out[:, :num_edges, :num_channels], (1, 0, 2)).astype(out_dtype)
+    return jnp.transpose(call(sh)[:, :, :num_channels], (1, 0, 2))
 
 
-def _weights_kernel(sender_ref, receiver_ref, x_hbm, g_hbm, sh_ref, out_ref, x_buffer, g_buffer, x_sems,
-                    g_sems, *, columns, num_paths, dim_sh, row_block):
+def _weights_kernel(ends_ref, x_hbm, g_hbm, sh_ref, out_ref, x_buffer, g_buffer, mask, sems, *, columns,
+                    num_paths, num_nodes, row_block):
     def slab(rows):
-        sh, valid = _harmonic_columns(sh_ref, rows, columns, dim_sh)
-        used = _kernels().used_inputs(columns)
-        xs = {i: x_buffer[rows, i, :] for i in used}
+        sh = _harmonic_columns(sh_ref, rows, columns)
+        valid = _slab_mask(mask, rows)
+        xs = {i: x_buffer[rows, i, :].astype(jnp.float32) for i in _kernels().used_inputs(columns)}
         sums = {}
         for q, p, terms in columns:
-            value = _term_sum(terms, xs, sh) * g_buffer[rows, q, :]
+            value = _term_sum(terms, xs, sh) * g_buffer[rows, q, :].astype(jnp.float32)
             sums[p] = value if p not in sums else sums[p] + value
         for p in range(num_paths):
             total = sums.get(p, jnp.zeros((SUBLANES, LANES), jnp.float32))
-            out_ref[p, rows, :] = jnp.where(valid, total, 0.0)
+            out_ref[p, rows, :] = jnp.where(valid, total, 0.0).astype(out_ref.dtype)
 
-    with _Gather(sender_ref, x_hbm, x_buffer, x_sems, row_block), \
-            _Gather(receiver_ref, g_hbm, g_buffer, g_sems, row_block):
-        _for_each_slab(row_block, slab)
+    _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
+    _for_each_slab(row_block, slab)
 
 
 def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dtype, *, config: KernelConfig):
@@ -270,49 +354,28 @@ def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dty
     the kernel, channel blocks by XLA."""
     from e3kernels.kernels.equivariant_convolution import column_terms
 
-    num_nodes, num_channels, _ = x.shape
     num_edges = senders.shape[0]
+    blocks = _padded(x.shape[1]) // LANES
     row_block = _row_block(config)
-    _, slots, sender, receiver, valid = _edge_operands(senders, receivers, num_nodes, row_block)
-    num_slots = slots.shape[0]
-    blocks = _padded(num_channels) // LANES
-    validity = valid[:, None].astype(jnp.float32)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(blocks, num_slots // row_block),
-        in_specs=[
-            pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t, *_: (0, t, c)),
-            pl.BlockSpec((row_block, 1), lambda c, t, *_: (t, 0)),
-        ],
-        out_specs=pl.BlockSpec((1, row_block, plan.dim_sh), lambda c, t, *_: (c, t, 0)),
-        scratch_shapes=[pltpu.VMEM((row_block, plan.dim_in, LANES), jnp.float32),
-                        pltpu.VMEM((row_block, plan.dim_out, LANES), jnp.float32),
-                        pltpu.SemaphoreType.DMA((row_block,)), pltpu.SemaphoreType.DMA((row_block,))],
+    call = _edge_call(
+        functools.partial(_sh_kernel, columns=column_terms(plan), dim_sh=plan.dim_sh),
+        plan, x, g, senders, receivers,
+        in_specs=[pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t: (0, t, c))],
+        out_specs=pl.BlockSpec((1, row_block, plan.dim_sh), lambda c, t: (c, t, 0)),
+        out_shape=jax.ShapeDtypeStruct((blocks, num_edges, plan.dim_sh), jnp.float32),
+        name="convolution_sh_partial", config=config,
     )
-    kernel = functools.partial(_sh_kernel, columns=column_terms(plan), dim_sh=plan.dim_sh,
-                               row_block=row_block)
-    partials = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((blocks, num_slots, plan.dim_sh), jnp.float32),
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=config.pallas_interpret,
-        name="convolution_sh_partial",
-    )(sender, receiver, _nodes_in_hbm(x), _nodes_in_hbm(g), _weights_in_slots(weights, slots), validity)
-    return jnp.sum(partials[:, :num_edges], axis=0).astype(out_dtype)
+    return jnp.sum(call(_paths_first(weights)), axis=0).astype(out_dtype)
 
 
-def _sh_kernel(sender_ref, receiver_ref, x_hbm, g_hbm, weights_ref, valid_ref, out_ref, x_buffer, g_buffer,
-               x_sems, g_sems, *, columns, dim_sh, row_block):
+def _sh_kernel(ends_ref, x_hbm, g_hbm, weights_ref, out_ref, x_buffer, g_buffer, mask, sems, *, columns,
+               dim_sh, num_nodes, row_block):
     def slab(rows):
-        valid = jnp.broadcast_to(valid_ref[rows, :], (SUBLANES, LANES)) > 0
-        used = _kernels().used_inputs(columns)
-        xs = {i: x_buffer[rows, i, :] for i in used}
+        valid = _slab_mask(mask, rows)
+        xs = {i: x_buffer[rows, i, :].astype(jnp.float32) for i in _kernels().used_inputs(columns)}
         sums = {}
         for q, p, terms in columns:
-            t = g_buffer[rows, q, :] * weights_ref[p, rows, :]
+            t = g_buffer[rows, q, :].astype(jnp.float32) * weights_ref[p, rows, :].astype(jnp.float32)
             for i, j, coef in terms:
                 value = xs[i] * t * jnp.float32(coef)
                 sums[j] = value if j not in sums else sums[j] + value
@@ -320,9 +383,8 @@ def _sh_kernel(sender_ref, receiver_ref, x_hbm, g_hbm, weights_ref, valid_ref, o
             total = jnp.where(valid, sums[j], 0.0) if j in sums else jnp.zeros((SUBLANES, LANES), jnp.float32)
             out_ref[0, rows, pl.ds(j, 1)] = lax.reduce(total, np.array(0, np.float32), lax.add, (1,))[:, None]
 
-    with _Gather(sender_ref, x_hbm, x_buffer, x_sems, row_block), \
-            _Gather(receiver_ref, g_hbm, g_buffer, g_sems, row_block):
-        _for_each_slab(row_block, slab)
+    _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
+    _for_each_slab(row_block, slab)
 
 
 def _kernels():

@@ -4,8 +4,10 @@ Mosaic works on (8, 128)-tiled blocks that BlockSpecs DMA in, so rows are not ga
 the kernel: the wrapper gathers ``x`` into a padded layout where every tile of
 ``tile_rows`` slots holds rows of one group (:meth:`e3kernels.grouping.RowTiles.rows_of_slots`), and lays
 each block out component-major, ``(ir_dim, slots, mul)``. The kernels are then grouped
-matmuls whose weight block is picked by the tile's group, read from scalar prefetch
-(as in megablox's gmm): ``out[m, tile] = sum_b pw_b * x_b[m, tile] @ W_b[group[tile]]``.
+matmuls whose weight block is picked by the tile's group (as in megablox's gmm):
+``out[m, tile] = sum_b pw_b * x_b[m, tile] @ W_b[group[tile]]``. Scalar prefetch holds the
+schedule's per-group summary (:func:`e3kernels.grouping.tile_summary`), whose size does not
+grow with the rows (SMEM has 1 MiB); the index maps find a tile's group in it.
 The wrapper undoes the layout and the sort; XLA fuses these copies with the gathers.
 """
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import Grouping, tile_schedule
+from e3kernels.grouping import Grouping, locate_tile, tile_schedule, tile_summary
 from e3kernels.irreps import LinearBlock, LinearPlan, Segment, output_segments
 from e3kernels.kernels._common import KernelConfig, dot
 
@@ -49,7 +51,7 @@ def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: 
     columns = []
     for seg in output_segments(plan):
         if seg.blocks or seg.biases:
-            y = _segment_call(seg, plan, padded, weights, biases, tiles.group, num_groups,
+            y = _segment_call(seg, plan, padded, weights, biases, tiles, num_groups,
                               precision=precision, config=config)
             columns.append(y.transpose(1, 2, 0).reshape(padded.shape[0], seg.width))
         else:
@@ -58,13 +60,13 @@ def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: 
     return jnp.where((grouping.groups < num_groups)[:, None], out, jnp.asarray(fill, out.dtype))
 
 
-def _segment_call(seg: Segment, plan, padded, weights, biases, tile_group, num_groups,
+def _segment_call(seg: Segment, plan, padded, weights, biases, tiles, num_groups,
                   *, precision, config: KernelConfig):
     """One output segment, ``(ir_dim, slots, mul)``, as a grouped matmul over the tiles."""
     blocks = [plan.blocks[k] for k in seg.blocks]
     tile_rows = config.tile_rows
-    weight_set = lambda t, group: (jnp.minimum(group[t], num_groups - 1), 0, 0)
-    row_tile = lambda t, group: (0, t, 0)
+    weight_set = lambda t, *summary: (_weight_set(summary, t, tile_rows, num_groups), 0, 0)
+    row_tile = lambda t, *summary: (0, t, 0)
     operands = [_component_major(padded, b.in_start, b.mul_in, b.ir_dim) for b in blocks]
     in_specs = [pl.BlockSpec((b.ir_dim, tile_rows, b.mul_in), row_tile) for b in blocks]
     operands += [weights[k] for k in seg.blocks]
@@ -79,8 +81,8 @@ def _segment_call(seg: Segment, plan, padded, weights, biases, tile_group, num_g
         kernel,
         out_shape=jax.ShapeDtypeStruct((seg.ir_dim, padded.shape[0], seg.mul), padded.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(tile_group.shape[0],),
+            num_scalar_prefetch=2,
+            grid=(tiles.group.shape[0],),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((seg.ir_dim, tile_rows, seg.mul), row_tile),
         ),
@@ -88,11 +90,18 @@ def _segment_call(seg: Segment, plan, padded, weights, biases, tile_group, num_g
         compiler_params=_compiler_params(),
         name="indexed_linear_tpu",
     )
-    return call(tile_group, *operands)
+    return call(*tile_summary(tiles, num_groups), *operands)
 
 
-def _segment_kernel(group_ref, *refs, blocks: list[LinearBlock], bias_weights, ir_dim, precision):
-    del group_ref  # used by the index maps only
+def _weight_set(summary, tile, tile_rows, num_groups):
+    """The weight set of ``tile`` (any valid one for the invalid rows' tiles, which the
+    wrapper overwrites)."""
+    group, _ = locate_tile(*summary, tile, tile_rows)
+    return jnp.minimum(group, num_groups - 1)
+
+
+def _segment_kernel(first_ref, bounds_ref, *refs, blocks: list[LinearBlock], bias_weights, ir_dim, precision):
+    del first_ref, bounds_ref  # used by the index maps only
     n = len(blocks)
     x_refs, w_refs, b_refs, out_ref = refs[:n], refs[n : 2 * n], refs[2 * n : -1], refs[-1]
     for m in range(ir_dim):
@@ -115,28 +124,28 @@ def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
     x_padded = jnp.take(x, row_of_slot, axis=0, mode="fill", fill_value=0)
     g_padded = jnp.take(g, row_of_slot, axis=0, mode="fill", fill_value=0)
     partials = [
-        _weight_call(b, x_padded, g_padded, tiles.group, num_groups, precision=precision,
+        _weight_call(b, x_padded, g_padded, tiles, num_groups, precision=precision,
                      config=config) if b.mul_in and b.mul_out else None
         for b in plan.blocks
     ]
     return partials, tiles.group
 
 
-def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups, *, precision,
+def _weight_call(block: LinearBlock, x_padded, g_padded, tiles, num_groups, *, precision,
                  config: KernelConfig):
     ir, rows = block.ir_dim, WGRAD_TILE_ROWS
-    num_tiles = tile_group.shape[0]
+    num_tiles = tiles.group.shape[0]
     call = pl.pallas_call(
         functools.partial(_weight_kernel, block=block, num_groups=num_groups, precision=precision),
         out_shape=jax.ShapeDtypeStruct((num_tiles, block.mul_in, block.mul_out), jnp.float32),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(num_tiles,),
             in_specs=[
-                pl.BlockSpec((ir, block.mul_in, rows), lambda t, group: (0, 0, t)),
-                pl.BlockSpec((ir, rows, block.mul_out), lambda t, group: (0, t, 0)),
+                pl.BlockSpec((ir, block.mul_in, rows), lambda t, *_: (0, 0, t)),
+                pl.BlockSpec((ir, rows, block.mul_out), lambda t, *_: (0, t, 0)),
             ],
-            out_specs=pl.BlockSpec((None, block.mul_in, block.mul_out), lambda t, group: (t, 0, 0)),
+            out_specs=pl.BlockSpec((None, block.mul_in, block.mul_out), lambda t, *_: (t, 0, 0)),
         ),
         interpret=config.pallas_interpret,
         compiler_params=_compiler_params(),
@@ -144,12 +153,13 @@ def _weight_call(block: LinearBlock, x_padded, g_padded, tile_group, num_groups,
     )
     x_t = _component_major(x_padded, block.in_start, block.mul_in, ir, rows_last=True)
     g_m = _component_major(g_padded, block.out_start, block.mul_out, ir)
-    return call(tile_group, x_t, g_m)
+    return call(*tile_summary(tiles, num_groups), x_t, g_m)
 
 
-def _weight_kernel(group_ref, x_ref, g_ref, out_ref, *, block, num_groups, precision):
+def _weight_kernel(first_ref, bounds_ref, x_ref, g_ref, out_ref, *, block, num_groups, precision):
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     for m in range(block.ir_dim):
         acc += dot(x_ref[m], g_ref[m], precision, split_high=True)
-    invalid = group_ref[pl.program_id(0)] >= num_groups
+    group, _ = locate_tile(first_ref, bounds_ref, pl.program_id(0), WGRAD_TILE_ROWS)
+    invalid = group >= num_groups
     out_ref[...] = jnp.where(invalid, 0.0, block.path_weight * acc)

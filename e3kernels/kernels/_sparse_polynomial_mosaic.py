@@ -6,9 +6,10 @@ first, then rows in tile order (sorted by weight set, each tile padded with zero
 channels padded to the 128 lanes. A variable of a block is then a clean ``(8, 128)``
 vreg slab ``z[v, rows, :]`` (rows on sublanes, channels on lanes). Each grid step takes one
 tile of ``row_block`` rows (``ROW_BLOCK`` by default; few steps, as each costs ~0.35 us);
-its weight set comes through scalar prefetch into the coefficient table's
-``index_map``, and an inner loop runs the unrolled term list on 8-row slabs (16 inputs, a
-few open sums and prefix products fit the 64 vregs). Empty tiles skip the work.
+its weight set is found by the coefficient table's ``index_map`` in the schedule's per-group
+summary (:func:`e3kernels.grouping.tile_summary`, in scalar prefetch: it does not grow
+with the rows, SMEM has 1 MiB), and an inner loop runs the unrolled term list on 8-row slabs
+(16 inputs, a few open sums and prefix products fit the 64 vregs). Empty tiles skip the work.
 
 A row reduction accumulates into its group's ``(1, Q, 128)`` output block over consecutive
 tiles (the row grid axis is ``arbitrary``), zeroing it on the group's first tile. Tiles of
@@ -29,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import RowTiles, cdiv
+from e3kernels.grouping import RowTiles, cdiv, locate_tile, tile_summary
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._term_unrolling import (
     coefficient_term,
@@ -86,7 +87,8 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
     tiled_zs = [_to_tiled(z, tiles.rows_of_slots(row_block)) for z in zs]
     rows_block = lambda size: pl.BlockSpec((size, row_block, LANES), lambda c, t, *_: (0, t, c))
     coef_block = pl.BlockSpec(
-        (1, num_coef, LANES), lambda c, t, group, _: (jnp.minimum(group[t], num_groups - 1), 0, c)
+        (1, num_coef, LANES),
+        lambda c, t, *summary: (jnp.minimum(locate_tile(*summary, t, row_block)[0], num_groups - 1), 0, c),
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -107,15 +109,15 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=config.pallas_interpret,
         name="sparse_polynomial",
-    )(tiles.group, tiles.end - tiles.start, *tiled_zs, _pad_channels(coefs))
+    )(*tile_summary(tiles, num_groups), *tiled_zs, _pad_channels(coefs))
     return [_from_tiled(out, tiles.slot, num_channels, dtype) for out, dtype in zip(tiled_outs, out_dtypes)]
 
 
-def _polynomial_kernel(group_ref, count_ref, *refs, poly, terms, fill, num_groups, row_block):
+def _polynomial_kernel(first_ref, bounds_ref, *refs, poly, terms, fill, num_groups, row_block):
     num_in = len(poly.in_sizes)
     z_refs, coef_ref, out_refs = refs[:num_in], refs[num_in], refs[num_in + 1 :]
-    tile = pl.program_id(1)
-    valid = group_ref[tile] < num_groups
+    group, count = locate_tile(first_ref, bounds_ref, pl.program_id(1), row_block)
+    valid = group < num_groups
 
     def slab(rows):
         def load_var(var):
@@ -135,7 +137,7 @@ def _polynomial_kernel(group_ref, count_ref, *refs, poly, terms, fill, num_group
         for out in sorted(set(range(poly.num_out)) - written):
             finish(out, jnp.zeros((SUBLANES, LANES), jnp.float32))
 
-    @pl.when(count_ref[tile] > 0)  # empty tiles' rows are never read back
+    @pl.when(count > 0)  # empty tiles' rows are never read back
     def _():
         _for_each_slab(row_block, slab)
 
@@ -149,14 +151,16 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
     num_rows, num_channels = zs[0].shape[:2]
     tiled_zs = [_to_tiled(z, tiles.rows_of_slots(row_block)) for z in zs]
     group = tiles.group
-    first = jnp.concatenate([jnp.ones(1, bool), group[1:] != group[:-1]]).astype(jnp.int32)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
+        num_scalar_prefetch=2,
         grid=(_padded_channels(num_channels) // LANES, group.shape[0]),
         in_specs=[
             pl.BlockSpec((size, row_block, LANES), lambda c, t, *_: (0, t, c)) for size in reduction.in_sizes
         ],
-        out_specs=pl.BlockSpec((1, reduction.num_out, LANES), lambda c, t, group, *_: (group[t], 0, c)),
+        out_specs=pl.BlockSpec(
+            (1, reduction.num_out, LANES),
+            lambda c, t, *summary: (locate_tile(*summary, t, row_block)[0], 0, c),
+        ),
     )
     kernel = functools.partial(
         _reduction_kernel, reduction=reduction, num_groups=num_groups,
@@ -170,16 +174,17 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=config.pallas_interpret,
         name="sparse_row_reduction",
-    )(group, first, tiles.end - tiles.start, *tiled_zs)
+    )(*tile_summary(tiles, num_groups), *tiled_zs)
     visited = jnp.zeros(num_groups + 1, bool).at[group].set(True)[:num_groups]  # others: never written
     return jnp.where(visited[:, None, None], sums[:num_groups, :, :num_channels], 0.0)
 
 
-def _reduction_kernel(group_ref, first_ref, count_ref, *refs, reduction, num_groups, terms, row_block):
+def _reduction_kernel(first_ref, bounds_ref, *refs, reduction, num_groups, terms, row_block):
     z_refs, sum_ref = refs[:-1], refs[-1]
     tile = pl.program_id(1)
+    group, count = locate_tile(first_ref, bounds_ref, tile, row_block)
 
-    @pl.when(first_ref[tile] == 1)  # tiles of a group are consecutive: accumulate in place
+    @pl.when(tile == first_ref[group])  # tiles of a group are consecutive: accumulate in place
     def _():
         sum_ref[...] = jnp.zeros_like(sum_ref)
 
@@ -197,6 +202,6 @@ def _reduction_kernel(group_ref, first_ref, count_ref, *refs, reduction, num_gro
 
         unroll_terms(terms, load_var, term_value, finish)
 
-    @pl.when((count_ref[tile] > 0) & (group_ref[tile] < num_groups))  # group S is dropped
+    @pl.when((count > 0) & (group < num_groups))  # group S is dropped
     def _():
         _for_each_slab(row_block, slab)
