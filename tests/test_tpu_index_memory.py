@@ -104,10 +104,14 @@ OPS = {"convolution": _convolution, "indexed_linear": _indexed_linear,
 
 @pytest.mark.parametrize("op", OPS)
 def test_smem_does_not_grow_with_rows(op):
+    """Forward, gradient and second order (the gradient of a loss on the input gradient,
+    as force training has)."""
     f, args, differentiable, names = OPS[op]()
-    energy = lambda *a: jnp.sum(f(*a))
+    energy = lambda *a: jnp.sum(jnp.sin(f(*a)))
+    wrt = tuple(range(differentiable))
+    force_loss = lambda *a: jnp.sum(jnp.sin(jax.grad(energy)(*a)))
     sizes = {}
-    for fn in (f, jax.grad(energy, argnums=tuple(range(differentiable)))):
+    for fn in (f, jax.grad(energy, argnums=wrt), jax.grad(force_loss, argnums=wrt)):
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
         sizes.update(largest_smem_operands(lowered))
     assert names <= set(sizes), sorted(sizes)  # every kernel of the op was looked at
