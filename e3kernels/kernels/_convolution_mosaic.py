@@ -157,7 +157,10 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     out_size = plan.dim_out if which == OUT else plan.dim_in
     row_block = _row_block(config)
     block_tiles, tile_slots = _node_schedule(sources, destinations, num_nodes, row_block)
-    grid_spec = pl.GridSpec(
+    kernel = functools.partial(_node_kernel, which=which, columns=column_terms(plan), row_block=row_block)
+    sums = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_nodes, out_size, _padded(num_channels)), jnp.float32),
         grid=(_padded(num_channels) // LANES, block_tiles.shape[0]),
         in_specs=[
             pl.BlockSpec((None, 1, 2), lambda c, b: (b, 0, 0), memory_space=pltpu.SMEM),
@@ -175,12 +178,6 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
             pltpu.VMEM((row_block, LANES), jnp.float32),
             pltpu.SemaphoreType.DMA((3, row_block)),
         ],
-    )
-    kernel = functools.partial(_node_kernel, which=which, columns=column_terms(plan), row_block=row_block)
-    sums = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((num_nodes, out_size, _padded(num_channels)), jnp.float32),
-        grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=config.pallas_interpret,
         name="convolution_node_partial",
@@ -286,24 +283,21 @@ def _edge_call(kernel, plan, x, g, senders, receivers, in_specs, out_specs, out_
     num_nodes, num_channels, _ = x.shape
     row_block = _row_block(config)
     ends = _edge_ends(senders, receivers, row_block)
-    grid_spec = pl.GridSpec(
-        grid=(_padded(num_channels) // LANES, ends.shape[0]),
-        in_specs=[
-            pl.BlockSpec((None, 2, row_block), lambda c, t: (t, 0, 0), memory_space=pltpu.SMEM),
-            pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec(memory_space=pl.ANY),
-        ] + in_specs,
-        out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((row_block, plan.dim_in, LANES), x.dtype),
-                        pltpu.VMEM((row_block, plan.dim_out, LANES), g.dtype),
-                        pltpu.VMEM((row_block, LANES), jnp.float32),
-                        pltpu.SemaphoreType.DMA((2, row_block))],
-    )
     return functools.partial(
         pl.pallas_call(
             functools.partial(kernel, num_nodes=num_nodes, row_block=row_block),
             out_shape=out_shape,
-            grid_spec=grid_spec,
+            grid=(_padded(num_channels) // LANES, ends.shape[0]),
+            in_specs=[
+                pl.BlockSpec((None, 2, row_block), lambda c, t: (t, 0, 0), memory_space=pltpu.SMEM),
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec(memory_space=pl.ANY),
+            ] + in_specs,
+            out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((row_block, plan.dim_in, LANES), x.dtype),
+                            pltpu.VMEM((row_block, plan.dim_out, LANES), g.dtype),
+                            pltpu.VMEM((row_block, LANES), jnp.float32),
+                            pltpu.SemaphoreType.DMA((2, row_block))],
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret=config.pallas_interpret,
             name=name,
