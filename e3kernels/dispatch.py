@@ -758,10 +758,17 @@ def _row_partitioned(target: Target, implementation):
         mesh_axes, args, results = shardings(mesh, arg_shapes, result_shapes)
 
         def per_device(*local):
-            outs = tuple(implementation(*local))
-            if not mesh_axes:
-                return outs
-            return tuple(o if r is not None else jax.lax.psum(o, mesh_axes) for o, r in zip(outs, out_rows))
+            # Per-device code, traced without the caller's mesh: under Explicit mesh axes
+            # JAX 0.12 would annotate its values (and the psum's reduction) with sharding
+            # custom calls that no partitioner removes once the module is partitioned, and
+            # XLA then fails ("No registered implementation for untyped custom call to
+            # Sharding").
+            with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+                outs = tuple(implementation(*local))
+                if not mesh_axes:
+                    return outs
+                return tuple(o if r is not None else jax.lax.psum(o, mesh_axes)
+                             for o, r in zip(outs, out_rows))
 
         return mesh, per_device, results, args
 
