@@ -46,6 +46,14 @@ class RowTiles(NamedTuple):
     end: jax.Array
     #: ``(N,)`` each row's slot ``tile * tile_rows + i`` in the tiled, padded layout
     slot: jax.Array
+    #: ``(S + 2,)`` group ``g``'s tiles are ``first[g]`` to ``first[g + 1]``; ``first[S + 1]``
+    #: is the number of tiles in use. With :attr:`bounds`, the schedule in a size that grows
+    #: with the groups, not the rows: what a Mosaic kernel keeps in SMEM (1 MiB), reading a
+    #: tile back with :func:`locate_tile`
+    first: jax.Array
+    #: ``(S + 2,)`` group ``g``'s rows are the positions ``bounds[g]`` to ``bounds[g + 1]`` of
+    #: :attr:`order` (:attr:`Grouping.bounds`)
+    bounds: jax.Array
 
     def rows_of_slots(self, tile_rows: int) -> jax.Array:
         """``(T * tile_rows,)``: the row each slot of the tiled layout holds, ``N`` for
@@ -63,6 +71,13 @@ def in_range(indices: jax.Array, size: int) -> jax.Array:
     (a traced out-of-range index drops its row or edge). Evaluate it before any cast that
     could wrap. Works on arrays inside Pallas kernels too."""
     return (indices >= 0) & (indices < size)
+
+
+def edge_in_range(senders, receivers, num_nodes: int) -> jax.Array:
+    """The edges that count: both ends in ``[0, N)``. Every implementation selects with
+    this mask (``where``, never a product: a dropped edge's data may be NaN or inf, as the
+    harmonics and radial features of zero-length padding edges are)."""
+    return in_range(senders, num_nodes) & in_range(receivers, num_nodes)
 
 
 def group_rows(indices: jax.Array, num_groups: int) -> Grouping:
@@ -105,32 +120,17 @@ def tile_schedule(grouping: Grouping, tile_rows: int) -> RowTiles:
         start=jnp.where(used, start, num_rows).astype(jnp.int32),
         end=jnp.where(used, end, num_rows).astype(jnp.int32),
         slot=slot,
+        first=first,
+        bounds=bounds,
     )
 
 
-def tile_summary(tiles: RowTiles, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """``(first, bounds)``, each ``(num_groups + 2,)`` int32: group ``g``'s tiles are
-    ``first[g]`` to ``first[g + 1]`` and its rows the sorted positions ``bounds[g]`` to
-    ``bounds[g + 1]`` (``g = S``: the invalid rows; ``first[S + 1]``: the tiles in use).
-
-    The schedule in a size that grows with the groups, not with the rows: what a Mosaic
-    kernel keeps in SMEM (1 MiB), reading each tile back with :func:`locate_tile`.
-    """
-    tile_count, num_rows = tiles.group.shape[0], tiles.slot.shape[0]
-    groups = jnp.arange(num_groups + 1, dtype=tiles.group.dtype)
-    first = jnp.searchsorted(tiles.group, groups, side="left").astype(jnp.int32)
-    first = jnp.concatenate([first, jnp.sum(tiles.end > tiles.start, dtype=jnp.int32)[None]])
-    # a group's first tile starts at its first row; an empty or unused one at its successor's
-    starts = tiles.start[jnp.minimum(first, max(tile_count - 1, 0))] if tile_count else first
-    bounds = jnp.where(first < tile_count, starts, num_rows).astype(jnp.int32)
-    return first, bounds
-
-
 def locate_tile(first, bounds, tile, tile_rows: int):
-    """``(group, count)`` of tile ``tile`` from :func:`tile_summary`'s arrays: its group
-    (``S`` for invalid rows and unused tiles) and its number of rows, as in
-    :func:`tile_schedule`. Scalar code, a binary search over the ``S + 2`` entries: ``first``
-    and ``bounds`` may be SMEM refs, read in a kernel or its index maps."""
+    """``(group, count)`` of tile ``tile`` from a schedule's :attr:`RowTiles.first` and
+    :attr:`RowTiles.bounds`: its group (``S`` for invalid rows and unused tiles) and its
+    number of rows, as in :func:`tile_schedule`. Scalar code, a binary search over the
+    ``S + 2`` entries: ``first`` and ``bounds`` may be SMEM refs, read in a kernel or its
+    index maps."""
     size = first.shape[0]
     group = jnp.int32(0)  # the last group whose first tile is <= tile (first[0] == 0)
     step = 1 << max(size - 1, 1).bit_length() - 1
@@ -173,6 +173,8 @@ def shared_row_tiles(num_rows: int, tile_rows: int) -> RowTiles:
         start=start,
         end=jnp.minimum(start + tile_rows, num_rows),
         slot=jnp.arange(num_rows, dtype=jnp.int32),
+        first=jnp.array([0, start.shape[0], start.shape[0]], jnp.int32),  # no invalid rows
+        bounds=jnp.array([0, num_rows, num_rows], jnp.int32),
     )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from e3kernels.grouping import in_range
+from e3kernels.grouping import edge_in_range, in_range
 from e3kernels.irreps import ConvolutionPlan, LinearPlan, SymmetricPlan
 
 
@@ -87,7 +87,7 @@ def equivariant_convolution(x, sh, weights, senders, receivers, plan: Convolutio
     receiver outside ``[0, N)`` contribute nothing."""
     acc = accumulation_dtype(x, sh, weights)
     num_nodes = x.shape[0]
-    valid = in_range(senders, num_nodes) & in_range(receivers, num_nodes)
+    valid = edge_in_range(senders, receivers, num_nodes)
     # selected before any product, so that no derivative multiplies a dropped edge's data
     # (NaN for zero-length padding edges) by zero either
     drop = lambda a: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a.astype(acc), 0)

@@ -16,7 +16,7 @@ from conftest import assert_results_close, assert_rounded_once, assert_trees_clo
 
 from e3kernels import spec
 from e3kernels._e3nn_private import FunctionalLinear
-from e3kernels.grouping import group_rows, num_tiles, tile_schedule
+from e3kernels.grouping import group_rows, locate_tile, num_tiles, tile_schedule
 from e3kernels.irreps import LinearPlan, linear_parameter_name
 from e3kernels.kernels import indexed_linear as kernels
 from e3kernels.reference.indexed_linear import indexed_linear as reference
@@ -223,6 +223,10 @@ def test_tile_schedule_covers_every_row_once(tile_rows):
         assert 0 <= end - start <= tile_rows
         assert (groups[order[start:end]] == group).all()  # one weight set per tile
     assert (groups[[1, 5, 2, 15]] == [0, 5, 5, 5]).all()  # out-of-range rows: group S
+    # the per-group summary the TPU kernels keep in SMEM gives every tile back
+    for tile, (group, start, end) in enumerate(zip(tiles.group, tiles.start, tiles.end)):
+        located = locate_tile(tiles.first, tiles.bounds, jnp.int32(tile), tile_rows)
+        assert (int(located[0]), int(located[1])) == (group, end - start), tile
 
 
 # ---- lowering for the real hardware (no execution) --------------------------------------

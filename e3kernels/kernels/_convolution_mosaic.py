@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import cdiv, grouped_row_tiles, in_range
+from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles, in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._sparse_polynomial_mosaic import LANES, SUBLANES, _for_each_slab
@@ -266,7 +266,7 @@ def _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, nu
     copies, keep = [], []
     for k in range(row_block):
         sender, receiver = ends_ref[0, k], ends_ref[1, k]
-        ok = in_range(sender, num_nodes) & in_range(receiver, num_nodes)
+        ok = edge_in_range(sender, receiver, num_nodes)
         sender, receiver = jnp.where(ok, sender, 0), jnp.where(ok, receiver, 0)
         copies.append((
             pltpu.make_async_copy(x_hbm.at[sender, :, lanes], x_buffer.at[k], sems.at[0, k]),

@@ -6,8 +6,8 @@ the kernel: the wrapper gathers ``x`` into a padded layout where every tile of
 each block out component-major, ``(ir_dim, slots, mul)``. The kernels are then grouped
 matmuls whose weight block is picked by the tile's group (as in megablox's gmm):
 ``out[m, tile] = sum_b pw_b * x_b[m, tile] @ W_b[group[tile]]``. Scalar prefetch holds the
-schedule's per-group summary (:func:`e3kernels.grouping.tile_summary`), whose size does not
-grow with the rows (SMEM has 1 MiB); the index maps find a tile's group in it.
+schedule's per-group summary (``RowTiles.first`` and ``bounds``), whose size does not grow
+with the rows (SMEM has 1 MiB); the index maps find a tile's group in it.
 The wrapper undoes the layout and the sort; XLA fuses these copies with the gathers.
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import Grouping, locate_tile, tile_schedule, tile_summary
+from e3kernels.grouping import Grouping, locate_tile, tile_schedule
 from e3kernels.irreps import LinearBlock, LinearPlan, Segment, output_segments
 from e3kernels.kernels._common import KernelConfig, dot
 
@@ -90,7 +90,7 @@ def _segment_call(seg: Segment, plan, padded, weights, biases, tiles, num_groups
         compiler_params=_compiler_params(),
         name="indexed_linear_tpu",
     )
-    return call(*tile_summary(tiles, num_groups), *operands)
+    return call(tiles.first, tiles.bounds, *operands)
 
 
 def _weight_set(summary, tile, tile_rows, num_groups):
@@ -153,7 +153,7 @@ def _weight_call(block: LinearBlock, x_padded, g_padded, tiles, num_groups, *, p
     )
     x_t = _component_major(x_padded, block.in_start, block.mul_in, ir, rows_last=True)
     g_m = _component_major(g_padded, block.out_start, block.mul_out, ir)
-    return call(*tile_summary(tiles, num_groups), x_t, g_m)
+    return call(tiles.first, tiles.bounds, x_t, g_m)
 
 
 def _weight_kernel(first_ref, bounds_ref, x_ref, g_ref, out_ref, *, block, num_groups, precision):

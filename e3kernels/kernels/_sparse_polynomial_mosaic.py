@@ -7,8 +7,8 @@ channels padded to the 128 lanes. A variable of a block is then a clean ``(8, 12
 vreg slab ``z[v, rows, :]`` (rows on sublanes, channels on lanes). Each grid step takes one
 tile of ``row_block`` rows (``ROW_BLOCK`` by default; few steps, as each costs ~0.35 us);
 its weight set is found by the coefficient table's ``index_map`` in the schedule's per-group
-summary (:func:`e3kernels.grouping.tile_summary`, in scalar prefetch: it does not grow
-with the rows, SMEM has 1 MiB), and an inner loop runs the unrolled term list on 8-row slabs
+summary (``RowTiles.first`` and ``bounds``, in scalar prefetch: it does not grow with the
+rows, SMEM has 1 MiB), and an inner loop runs the unrolled term list on 8-row slabs
 (16 inputs, a few open sums and prefix products fit the 64 vregs). Empty tiles skip the work.
 
 A row reduction accumulates into its group's ``(1, Q, 128)`` output block over consecutive
@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import RowTiles, cdiv, locate_tile, tile_summary
+from e3kernels.grouping import RowTiles, cdiv, locate_tile
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._term_unrolling import (
     coefficient_term,
@@ -109,7 +109,7 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=config.pallas_interpret,
         name="sparse_polynomial",
-    )(*tile_summary(tiles, num_groups), *tiled_zs, _pad_channels(coefs))
+    )(tiles.first, tiles.bounds, *tiled_zs, _pad_channels(coefs))
     return [_from_tiled(out, tiles.slot, num_channels, dtype) for out, dtype in zip(tiled_outs, out_dtypes)]
 
 
@@ -174,7 +174,7 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=config.pallas_interpret,
         name="sparse_row_reduction",
-    )(*tile_summary(tiles, num_groups), *tiled_zs)
+    )(tiles.first, tiles.bounds, *tiled_zs)
     visited = jnp.zeros(num_groups + 1, bool).at[group].set(True)[:num_groups]  # others: never written
     return jnp.where(visited[:, None, None], sums[:num_groups, :, :num_channels], 0.0)
 

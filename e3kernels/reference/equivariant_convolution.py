@@ -28,7 +28,8 @@ deterministic on CPU, run with float atomics on GPU), and per-edge
 outputs come out as the scan's stacked results. Per block, ``A[e, i, q] = sum_j T[i, j, q]
 sh[e, j]`` folds the spherical harmonics into the table, so each partial is a few small
 einsums. Edges whose sender or receiver lies outside ``[0, N)`` contribute nothing
-(:func:`edge_in_range`): exactly zero, whatever their harmonics, weights or end nodes hold.
+(:func:`e3kernels.grouping.edge_in_range`): exactly zero, whatever their harmonics,
+weights or end nodes hold.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e3kernels.grouping import in_range
+from e3kernels.grouping import edge_in_range, in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.spec import accumulation_dtype
 
@@ -211,13 +212,6 @@ class ReferencePartials:
             return total.transpose(0, 2, 1).astype(out_dtype)
         _, per_edge = jax.lax.scan(lambda c, e: (c, block_value(e).astype(out_dtype)), 0, edges)
         return per_edge.reshape((num_blocks * block,) + per_edge.shape[2:])[:num_edges]
-
-
-def edge_in_range(senders, receivers, num_nodes: int) -> jax.Array:
-    """The edges that count: both ends in ``[0, N)``. Every implementation selects with
-    this mask (``where``, never a product: a dropped edge's data may be NaN or inf, as the
-    harmonics and radial features of zero-length padding edges are)."""
-    return in_range(senders, num_nodes) & in_range(receivers, num_nodes)
 
 
 def _path_ranges(path_of_column) -> tuple[tuple[int, int], ...]:
