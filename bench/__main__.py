@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         progress(f"[{index}/{len(names)}] {title}, N={rows}: building candidates")
         jobs, measured = [], []
         for candidate in build(rows, platform):
-            for mode, fn in (("fwd", candidate.fwd), ("fwd+bwd", candidate.fwd_bwd)):
+            for mode, fn in candidate.modes():
                 m = Measured(candidate.name, mode)
                 progress(f"  compiling {candidate.name} {mode}")
                 compiled = compile_one(fn, candidate.args, m)

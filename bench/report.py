@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 BASELINE = "e3nn-jax"
-MODES = ("fwd", "fwd+bwd")
+#: for single ops: the output, a loss's gradients, and a force-style loss's gradients (a
+#: function of the first gradient w.r.t. the input); the model workloads' fwd is energy and
+#: forces, their fwd+bwd the training step (already a second order)
+MODES = ("fwd", "fwd+bwd", "2nd order")
 
 
 def _by_candidate(measured) -> dict[str, dict]:
@@ -50,19 +53,17 @@ def _ratio(r) -> str:
 
 
 def table(result) -> str:
-    """A Markdown table: median ms, speed-up vs e3nn-jax, compiled temp MB and trace +
-    compile seconds, per mode."""
-    header = (
-        "| candidate | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up "
-        "| fwd temp MB | fwd+bwd temp MB | fwd compile s | fwd+bwd compile s |"
-    )
-    lines = [f"\n### {result['title']}, N={result['rows']}\n", header, "|" + "---|" * 9]
+    """A Markdown table, one line per candidate and mode: median ms, speed-up vs e3nn-jax,
+    compiled temp MB and trace + compile seconds."""
+    header = "| candidate | mode | median ms | speed-up | temp MB | trace+compile s |"
+    lines = [f"\n### {result['title']}, N={result['rows']}\n", header, "|" + "---|" * 6]
     ratios = speedups(result)
     for name, modes in _by_candidate(result["measured"]).items():
-        fwd, bwd = modes.get("fwd"), modes.get("fwd+bwd")
-        cells = [name, _ms(fwd), _ms(bwd), _ratio(ratios[name]["fwd"]), _ratio(ratios[name]["fwd+bwd"]),
-                 _mb(fwd), _mb(bwd), _seconds(fwd), _seconds(bwd)]
-        lines.append("| " + " | ".join(cells) + " |")
+        for mode in MODES:
+            m = modes.get(mode)
+            if m is not None:
+                cells = [name, mode, _ms(m), _ratio(ratios[name][mode]), _mb(m), _seconds(m)]
+                lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {m.candidate} {m.mode}: {m.error}" for m in result["measured"] if m.error]
     if errors:
         lines += ["", "Failures:"] + errors
@@ -71,7 +72,7 @@ def table(result) -> str:
 
 def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | None:
     """Per workload: speed-ups vs e3nn-jax (log scale, top; each bar labelled with the
-    ratio and the median time) and trace + compile seconds (bottom), both modes. The title
+    ratio and the median time) and trace + compile seconds (bottom), every mode. The title
     names the machine and marks a ``--quick`` run."""
     try:
         import matplotlib
@@ -86,18 +87,21 @@ def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | Non
         ratios = speedups(result)
         names = list(ratios)
         top, bottom = axes[0][column], axes[1][column]
-        for k, mode in enumerate(MODES):
-            xs = [i + 0.4 * k for i in range(len(names))]
+        modes = [mode for mode in MODES if any(mode in by_name[n] for n in names)]
+        width = 0.8 / len(modes)
+        for k, mode in enumerate(modes):
+            xs = [i + width * k for i in range(len(names))]
             speed = [ratios[n][mode] or 0.0 for n in names]
             compile_s = [(by_name[n].get(mode) and by_name[n][mode].compile_seconds) or 0.0 for n in names]
-            bars = top.bar(xs, speed, width=0.4, label=mode)
+            bars = top.bar(xs, speed, width=width, label=mode)
             medians = [by_name[n].get(mode) for n in names]
             labels = [f"{v:.1f}x\n{_ms(m)} ms" if v else "" for v, m in zip(speed, medians)]
             top.bar_label(bars, labels=labels, fontsize=6)
-            bars = bottom.bar(xs, compile_s, width=0.4, label=mode)
+            bars = bottom.bar(xs, compile_s, width=width, label=mode)
             bottom.bar_label(bars, labels=[f"{v:.1f}" if v else "" for v in compile_s], fontsize=7)
         for ax in (top, bottom):
-            ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right",
+                          fontsize=8)
             ax.legend(fontsize=8)
         top.set_yscale("log")
         top.set_ylim(top=top.get_ylim()[1] * 4)  # room for the labels above the tallest bar

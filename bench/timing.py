@@ -18,7 +18,7 @@ class Measured:
     """One candidate's function, timed: seconds per call and compiled temporary bytes."""
 
     candidate: str
-    mode: str  # "fwd" or "fwd+bwd"
+    mode: str  # one of report.MODES
     stats: Stats = dataclasses.field(default_factory=Stats)
     temp_bytes: int | None = None
     compile_seconds: float | None = None  # trace, lower and compile

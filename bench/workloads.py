@@ -1,9 +1,11 @@
 """The benchmarked workloads and their candidates (design.md, "Workloads").
 
-Every candidate is a pair of pure functions of the same arguments: ``fwd`` (the output) and
+Every candidate is a set of pure functions of the same arguments: ``fwd`` (the output),
 ``fwd_bwd`` (gradients of a scalar loss with respect to the parameters and the float
-inputs). Candidates of one workload share inputs and, where the parameter trees agree
-(e3nn-jax and e3kernels), parameters.
+inputs) and, for single ops, ``second`` (the gradients of a force-style loss, a function of
+the first loss's gradient with respect to the input: what training on forces
+differentiates). Candidates of one workload share inputs and, where the parameter trees
+agree (e3nn-jax and e3kernels), parameters.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class Candidate:
     fwd: Callable
     fwd_bwd: Callable
     args: tuple
+    second: Callable | None = None  # "2nd order"; the model workloads' fwd_bwd is already one
+
+    def modes(self) -> list[tuple[str, Callable]]:
+        modes = [("fwd", self.fwd), ("fwd+bwd", self.fwd_bwd)]
+        return modes + ([("2nd order", self.second)] if self.second is not None else [])
 
 
 @dataclasses.dataclass
@@ -52,16 +59,32 @@ def e3kernels_backends(platform: str) -> list[str]:
     return ["reference"] if platform == "cpu" else ["reference", "pallas"]
 
 
-def _loss_grads(apply: Callable, argnums: tuple[int, ...], args: tuple) -> Callable:
-    """Gradients of a fixed random projection of the output: its cotangent does not depend
-    on the output (``0.5 * sum(out**2)`` flatters, its cotangent being the output itself)."""
+def _loss(apply: Callable, args: tuple) -> Callable:
+    """A fixed random projection of the output: its cotangent does not depend on the
+    output (``0.5 * sum(out**2)`` flatters, its cotangent being the output itself)."""
     out = jax.eval_shape(apply, *args)
     projection = jax.random.normal(jax.random.PRNGKey(11), out.shape, jnp.float32)
+    return lambda *args: jnp.sum(projection * apply(*args).astype(jnp.float32))
 
-    def loss(*args):
-        return jnp.sum(projection * apply(*args).astype(jnp.float32))
 
-    return jax.grad(loss, argnums=argnums)
+def _loss_grads(apply: Callable, argnums: tuple[int, ...], args: tuple) -> Callable:
+    """Gradients of :func:`_loss`."""
+    return jax.grad(_loss(apply, args), argnums=argnums)
+
+
+def _force_style_grads(apply: Callable, argnums: tuple[int, ...], args: tuple) -> Callable:
+    """Gradients of ``sum(P * d loss / d x)``, ``x = args[argnums[-1]]`` and ``P`` a fixed
+    random array: the second order a force-trained model runs, for one op."""
+    x_index = argnums[-1]
+    first = jax.grad(_loss(apply, args), argnums=x_index)
+    projection = jax.random.normal(jax.random.PRNGKey(13), jnp.shape(args[x_index]), jnp.float32)
+    return jax.grad(lambda *args: jnp.sum(projection * first(*args)), argnums=argnums)
+
+
+def _op_candidate(name: str, apply: Callable, argnums: tuple[int, ...], args: tuple) -> Candidate:
+    """A single op: its output, its loss gradients and its force-style second order."""
+    return Candidate(name, apply, _loss_grads(apply, argnums, args), args,
+                     _force_style_grads(apply, argnums, args))
 
 
 def _haiku_candidate(name: str, module_fn: Callable, params_like, args: tuple) -> Candidate:
@@ -70,8 +93,7 @@ def _haiku_candidate(name: str, module_fn: Callable, params_like, args: tuple) -
     params = params_like if params_like is not None else transformed.init(jax.random.PRNGKey(0), *args)
     apply = lambda params, *a: transformed.apply(params, *a).array
     grad_argnums = (0, len(args))  # the parameters and the last (float) input
-    args = (params,) + args
-    return Candidate(name, apply, _loss_grads(apply, grad_argnums, args), args)
+    return _op_candidate(name, apply, grad_argnums, (params,) + args)
 
 
 # ---- symmetric contraction, MACE-M, species-indexed weights ----------------------------
@@ -126,8 +148,7 @@ def _cue_symmetric_contraction(rows, platform, species) -> Candidate:
         [y] = cuex.segmented_polynomial(poly, [w, x], [out], indices=[species, None, None], method=method)
         return y
 
-    args = (w, species, x)
-    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2), args), args)
+    return _op_candidate(f"cuequivariance {method}", apply, (0, 2), (w, species, x))
 
 
 # ---- indexed Linear ---------------------------------------------------------------------
@@ -160,7 +181,7 @@ def _dense_matmul(rows: int) -> Candidate:
     x = jax.random.normal(jax.random.PRNGKey(5), (rows, dim))
     w = jax.random.normal(jax.random.PRNGKey(6), (CHANNELS, CHANNELS))
     apply = lambda w, x: jnp.dot(x.reshape(-1, CHANNELS), w).reshape(x.shape)
-    return Candidate("dense matmul (same FLOPs)", apply, _loss_grads(apply, (0, 1), (w, x)), (w, x))
+    return _op_candidate("dense matmul (same FLOPs)", apply, (0, 1), (w, x))
 
 
 def _cue_indexed_linear(rows, platform, species) -> Candidate:
@@ -185,8 +206,44 @@ def _cue_indexed_linear(rows, platform, species) -> Candidate:
         [y] = cuex.segmented_polynomial(poly, [w, x], [out], indices=[gather, None, None], method=method)
         return y
 
-    args = (w, index, x)
-    return Candidate(f"cuequivariance {method}", apply, _loss_grads(apply, (0, 2), args), args)
+    return _op_candidate(f"cuequivariance {method}", apply, (0, 2), (w, index, x))
+
+
+# ---- MACE's message-passing convolution ---------------------------------------------------
+
+CONV_NODE_IRREPS = "128x0e + 128x1o"  # MACE-M's second interaction
+SH_IRREPS = "0e + 1o + 2e + 3o"
+
+
+def convolution(rows: int, platform: str) -> list[Candidate]:
+    """The convolution module (radial MLP included) on a random liquid of ``rows`` atoms,
+    ~30 neighbours each: e3nn-jax's formulation (it materialises every edge's message)
+    against ours per backend, one parameter tree."""
+    positions, _, cell = mace.random_liquid(rows, neighbors=30, r_max=MACE_CONFIG["r_max"],
+                                            num_species=SPECIES, seed=0)
+    senders, receivers, shifts = mace.neighbor_list(positions, cell, MACE_CONFIG["r_max"])
+    vectors = jnp.asarray(positions[receivers] - positions[senders] + shifts @ cell, jnp.float32)
+    sh = e3nn.spherical_harmonics(SH_IRREPS, vectors, normalize=True, normalization="component")
+    lengths = jnp.linalg.norm(vectors, axis=-1)
+    radial = e3nn.bessel(lengths, 8, MACE_CONFIG["r_max"])  # (E, 8)
+    x = e3nn.normal(CONV_NODE_IRREPS, jax.random.PRNGKey(14), (rows,))
+    avg_num_neighbors = len(senders) / rows
+    edges = (jnp.asarray(senders), jnp.asarray(receivers))
+
+    def module(cls, **kw):
+        def f(sh_array, radial, senders, receivers, x):
+            edge_sh = e3nn.IrrepsArray(SH_IRREPS, sh_array)
+            return cls(SH_IRREPS, avg_num_neighbors, **kw)(x, edge_sh, radial, senders, receivers)
+
+        return f
+
+    args = (sh.array, radial, *edges, x)
+    theirs = _haiku_candidate("e3nn-jax", module(mace.E3nnMessagePassingConvolution), None, args)
+    candidates = [theirs]
+    for backend in e3kernels_backends(platform):
+        ours = module(e3kernels.haiku.MessagePassingConvolution, backend=backend)
+        candidates.append(_haiku_candidate(f"e3kernels {backend}", ours, theirs.args[0], args))
+    return candidates
 
 
 # ---- a MACE-style interaction block, trained on energies and forces ---------------------
@@ -322,6 +379,11 @@ WORKLOADS = {
         symmetric_contraction,
     ),
     "indexed_linear": ("Indexed Linear (128x0e+128x1o+128x2e+128x3o, 10 species)", indexed_linear),
+    "convolution": (
+        f"MACE's convolution (nodes {CONV_NODE_IRREPS}, edge harmonics {SH_IRREPS}, radial MLP; "
+        "random liquid, ~30 neighbours)",
+        convolution,
+    ),
     "training_step": (
         "One MACE-style block, no convolution (indexed Linear, species-indexed symmetric contraction, "
         "Linear): energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
@@ -344,12 +406,16 @@ DATA_PARALLEL = (
 # rows per workload: default CPU sizes finish in minutes on 2 cores; GPU sizes are MACE-typical
 # (mace: atoms, with ~30 edges each)
 ROWS = {
-    ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "training_step": 200,
+    ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "convolution": 128,
+                     "training_step": 200,
                      "mace": 128, "data_parallel": 200},
-    ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "training_step": 50,
+    ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "convolution": 32,
+                    "training_step": 50,
                     "mace": 32, "data_parallel": 48},
-    ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "training_step": 4000,
+    ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "convolution": 1000,
+                     "training_step": 4000,
                      "mace": 1000, "data_parallel": 4000},
-    ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "training_step": 500,
+    ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "convolution": 256,
+                    "training_step": 500,
                     "mace": 256, "data_parallel": 496},
 }

@@ -1,5 +1,6 @@
-"""The reference symmetric contraction: its unrolled (fast) path and its vectorised fallback
-against a direct dense contraction with ``plan.basis``, values and derivatives, under jit.
+"""The reference symmetric contraction (the term loop of ``reference.sparse_polynomial``)
+against a direct dense contraction with ``plan.basis``, values and derivatives, under jit,
+and the size of its programs: constant in the term count and the derivative order.
 
 (Parity of the whole module with e3nn-jax is in test_symmetric_tensor_product.py.)
 """
@@ -24,7 +25,6 @@ PLANS = [  # irreps per channel, orders, keep
     ("2x0e + 1o", (1, 2), None),
     ("1o + 1e", (1, 2, 3), "0e + 1o"),
 ]
-PATHS = {"unrolled": True, "vectorized": False}
 
 
 def plan_of(irreps, orders, keep):
@@ -37,10 +37,8 @@ def dense(x, weights, indices, plan):
     return spec.symmetric_contraction(x, weights, plan, indices)
 
 
-def contraction(path):
-    if path == "dense":
-        return dense
-    return lambda x, w, i, plan: ref._contract(x, tuple(w), i, plan, unrolled=PATHS[path])
+def contraction(x, weights, indices, plan):
+    return ref.symmetric_contraction(x, weights, indices, plan=plan)
 
 
 def inputs(plan, n=6, c=3, num=3, indexed=True, seed=0):
@@ -52,46 +50,42 @@ def inputs(plan, n=6, c=3, num=3, indexed=True, seed=0):
     return x, weights, indices
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("indexed", [True, False])
 @pytest.mark.parametrize("irreps, orders, keep", PLANS)
-def test_matches_dense(irreps, orders, keep, indexed, path):
+def test_matches_dense(irreps, orders, keep, indexed):
     plan = plan_of(irreps, orders, keep)
     x, weights, indices = inputs(plan, indexed=indexed)
-    f = jax.jit(contraction(path), static_argnums=3)
+    f = jax.jit(contraction, static_argnums=3)
     out = f(x, weights, indices, plan)
     assert out.shape == (6, 3, plan.dim_out) and out.dtype == x.dtype
     assert_close(out, dense(x, weights, indices, plan), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_out_of_range_rows_are_nan(path):
+def test_out_of_range_rows_are_nan():
     plan = plan_of(*PLANS[0])
     x, weights, _ = inputs(plan, n=5, num=3)
     indices = jnp.array([0, 3, -1, 2, 7])
-    out = jax.jit(contraction(path), static_argnums=3)(x, weights, indices, plan)
+    out = jax.jit(contraction, static_argnums=3)(x, weights, indices, plan)
     bad = np.array([False, True, True, False, True])
     assert np.isnan(np.asarray(out[bad])).all()
     good = jnp.array([0, 0, 0, 2, 0])
     assert_close(out[~bad], dense(x, weights, good, plan)[~bad], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, c", [(0, 3), (4, 0), (0, 0)])
-def test_empty(path, n, c):
+def test_empty(n, c):
     plan = plan_of(*PLANS[0])
     for indexed in (True, False):
         x, weights, indices = inputs(plan, n=n, c=c, indexed=indexed)
-        out = jax.jit(contraction(path), static_argnums=3)(x, weights, indices, plan)
+        out = jax.jit(contraction, static_argnums=3)(x, weights, indices, plan)
         assert out.shape == (n, c, plan.dim_out)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_output_has_the_dtype_of_x(path):
+def test_output_has_the_dtype_of_x():
     """Computed in the promoted dtype (here float32), returned in ``x``'s."""
     plan = plan_of(*PLANS[0])
     x, weights, indices = inputs(plan)
-    out = jax.jit(contraction(path), static_argnums=3)(x.astype(jnp.bfloat16), weights, indices, plan)
+    out = jax.jit(contraction, static_argnums=3)(x.astype(jnp.bfloat16), weights, indices, plan)
     assert out.dtype == jnp.bfloat16
     expected = dense(x.astype(jnp.bfloat16).astype(jnp.float32), weights, indices, plan)
     assert_close(out.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
@@ -110,7 +104,7 @@ def force_loss(f, plan):
 
 @pytest.mark.parametrize("plan_args, indexed", [(PLANS[0], True), (PLANS[0], False), (PLANS[1], True)])
 def test_gradients(plan_args, indexed):
-    """First and second order gradients of both paths match autodiff of the dense form."""
+    """First and second order gradients match autodiff of the dense form."""
     plan = plan_of(*plan_args)
     x, weights, indices = inputs(plan, n=5, indexed=indexed)
 
@@ -122,36 +116,37 @@ def test_gradients(plan_args, indexed):
         )
 
     expected = jax.tree.leaves(jax.jit(gradients, static_argnums=0)(dense))
-    for path in PATHS:
-        got = jax.tree.leaves(jax.jit(gradients, static_argnums=0)(contraction(path)))
-        for a, b in zip(got, expected):
-            assert_close(a, b, rtol=1e-4, atol=1e-4, what=path)
+    got = jax.tree.leaves(jax.jit(gradients, static_argnums=0)(contraction))
+    for a, b in zip(got, expected):
+        assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_threshold_selects_the_path(monkeypatch):
-    plan = plan_of(*PLANS[0])
-    num_terms = len(symmetric_terms(plan).polynomial.terms)
-    x, weights, indices = inputs(plan)
-    called = []
-    for name in ("_unrolled", "_vectorized"):
-        original = getattr(ref, name)
-        spy = lambda *a, original=original, name=name: called.append(name) or original(*a)
-        monkeypatch.setattr(ref, name, spy)
-    for limit, expected in ((num_terms, "_unrolled"), (num_terms - 1, "_vectorized")):
-        monkeypatch.setattr(ref, "MAX_UNROLLED_TERMS", limit)
-        called.clear()
-        ref.symmetric_contraction(x, weights, indices, plan=plan)
-        assert set(called) == {expected}
+def optimized_size(fn, *args) -> int:
+    """Instructions of ``fn``'s optimized HLO: what XLA compiles, machine-independent."""
+    text = jax.jit(fn).trace(*args).lower().compile().as_text()
+    return sum(1 for line in text.splitlines() if " = " in line)
 
 
-def test_large_plan_uses_the_fallback(monkeypatch):
-    """A plan over the unrolling threshold, lowered to 50 terms so that a small plan (orders
-    up to 4 on ``0e + 1o + 2e``, 333 terms) crosses it: a plan over the real threshold costs
-    e3nn half a minute to build."""
-    monkeypatch.setattr(ref, "MAX_UNROLLED_TERMS", 50)
-    plan = plan_of("0e + 1o + 2e", (1, 2, 3, 4), "0e + 1o")
-    assert len(symmetric_terms(plan).polynomial.terms) > ref.MAX_UNROLLED_TERMS
-    x, weights, indices = inputs(plan, n=3, c=2, num=2)
-    x = x / 2  # keep the order-4 products O(1)
-    out = jax.jit(ref.symmetric_contraction, static_argnames="plan")(x, weights, indices, plan=plan)
-    assert_close(out, dense(x, weights, indices, plan), rtol=1e-4, atol=1e-4)
+def test_program_size_grows_with_neither_terms_nor_order():
+    """The forward, gradient and force-style second order of a 94-term plan (keep ``0e``)
+    and of a 7,824-term plan (keep every irrep) compile to programs of about the same size
+    (the larger has more paths, hence weights and outputs): term lists are data, and every
+    derivative is the same evaluator with another list."""
+
+    def programs(plan):
+        x, weights, indices = inputs(plan, n=8, c=2)
+        first = lambda w, x: jnp.sum(jnp.cos(contraction(x, w, indices, plan)))
+        second = lambda w, x: force_loss(contraction, plan)(w, x, indices)
+        orders = (first, jax.grad(first, (0, 1)), jax.grad(second, (0, 1)))
+        return [optimized_size(f, weights, x) for f in orders]
+
+    sizes = {}
+    for keep in ("0e", None):
+        plan = plan_of("0e + 1o + 2e + 3o", (1, 2, 3), keep)
+        sizes[len(symmetric_terms(plan).polynomial.terms)] = programs(plan)
+    (small, small_sizes), (large, large_sizes) = sorted(sizes.items())
+    assert large > 50 * small, sizes
+    for a, b in zip(small_sizes, large_sizes):
+        assert b <= 1.3 * a, sizes
+    forward, first, second = large_sizes
+    assert second < 4 * forward, sizes

@@ -39,13 +39,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 
-from e3kernels.grouping import grouped_row_tiles, shared_row_tiles
 from e3kernels.irreps import SymmetricPlan
 from e3kernels.kernels._common import KernelConfig
-from e3kernels.kernels._sparse_polynomial import polynomial, with_tile_rows
+from e3kernels.reference.symmetric_contraction import contract
 from e3kernels.symmetric_terms import symmetric_terms
 
 MAX_ORDER = 4
@@ -86,25 +84,5 @@ def implementations(plan: SymmetricPlan, dtype) -> dict[str, Callable] | str:
 
 def symmetric_contraction(x, weights, indices, *, plan: SymmetricPlan, config: KernelConfig):
     """The reference's ``symmetric_contraction`` on ``config``'s kernels (e.g.
-    ``MOSAIC_INTERPRET`` runs the TPU kernels on CPU)."""
-    config = with_tile_rows(config)
-    num_rows, num_channels, _ = x.shape
-    terms = symmetric_terms(plan)
-    if num_rows == 0 or num_channels == 0 or not terms.polynomial.terms:  # nothing to launch
-        return jnp.zeros((num_rows, num_channels, plan.dim_out), x.dtype)
-    coefs = _coefficient_table(terms.coefficients, weights, indexed=indices is not None)
-    if indices is None:
-        tiles = shared_row_tiles(num_rows, config.tile_rows)
-    else:
-        tiles = grouped_row_tiles(indices, coefs.shape[0], config.tile_rows)
-    (out,) = polynomial(config, terms.polynomial, float("nan"), (x.dtype,), (x,), coefs, tiles)
-    return out
-
-
-def _coefficient_table(coefficients, weights, indexed: bool) -> jax.Array:
-    """``(S, terms, C)`` float32 ``B = A W``, ``W`` the weights concatenated along ``mul``."""
-    stacked = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=-2)
-    if not indexed:
-        stacked = stacked[None]
-    a = jnp.asarray(coefficients, jnp.float32)
-    return jnp.einsum("tk,skc->stc", a, stacked, precision=jax.lax.Precision.HIGHEST)
+    ``MOSAIC_INTERPRET`` runs the TPU kernels on CPU), summing in float32."""
+    return contract(x, tuple(weights), indices, plan, config, jnp.float32)
