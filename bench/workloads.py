@@ -73,12 +73,15 @@ def _loss_grads(apply: Callable, argnums: tuple[int, ...], args: tuple) -> Calla
 
 
 def _force_style_grads(apply: Callable, argnums: tuple[int, ...], args: tuple) -> Callable:
-    """Gradients of ``sum(P * d loss / d x)``, ``x = args[argnums[-1]]`` and ``P`` a fixed
-    random array: the second order a force-trained model runs, for one op."""
-    x_index = argnums[-1]
-    first = jax.grad(_loss(apply, args), argnums=x_index)
-    projection = jax.random.normal(jax.random.PRNGKey(13), jnp.shape(args[x_index]), jnp.float32)
-    return jax.grad(lambda *args: jnp.sum(projection * first(*args)), argnums=argnums)
+    """Gradients of ``sum(sin(d loss / d x))``, ``x = args[argnums[-1]]``: the second order
+    a force-trained model runs, for one op. (A fixed projection of ``d loss / d x`` would
+    make the result of a linear op a constant, which XLA folds at compile time.)"""
+    first = jax.grad(_loss(apply, args), argnums=argnums[-1])
+
+    def force_loss(*args):
+        return sum(jnp.sum(jnp.sin(g)) for g in jax.tree.leaves(first(*args)))  # an IrrepsArray's array
+
+    return jax.grad(force_loss, argnums=argnums)
 
 
 def _op_candidate(name: str, apply: Callable, argnums: tuple[int, ...], args: tuple) -> Candidate:

@@ -347,17 +347,15 @@ def test_modules_take_every_float_dtype(dtype):
         assert product.apply(params, species, xs).dtype == dtype
 
 
-def test_forward_mode_where_the_implementation_has_it():
-    """``jax.jvp`` of the reference symmetric contraction (plain autodiff) equals the spec's;
-    through a ``custom_vjp`` (the indexed Linear, the kernels) it raises JAX's error."""
+def test_forward_mode_raises_jax_error():
+    """Every op's implementations are ``custom_vjp`` ops (their derivatives are programs of
+    their own, for compile time): ``jax.jvp`` raises JAX's error on every backend, never a
+    wrong answer."""
     case = SymmetricContraction()
     f = lambda backend: lambda x: case.op(backend)(x, case.params, case.indices)
-    tangent = jnp.ones_like(case.x)
-    expected = jax.jvp(lambda x: case.spec(x, case.params, case.indices), (case.x,), (tangent,))[1]
-    for backend in ("reference", "auto"):
-        assert_trees_close(jax.jvp(f(backend), (case.x,), (tangent,))[1], expected)
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(f("pallas"), (case.x,), (tangent,))
+    for backend in ("reference", "pallas"):
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(f(backend), (case.x,), (jnp.ones_like(case.x),))
     linear = IndexedLinear()
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(lambda x: linear.op("reference")(x, linear.params, linear.indices), (linear.x,),
