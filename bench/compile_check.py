@@ -281,9 +281,9 @@ def _mosaic_kernels(hlo_text: str) -> list[tuple[str, int]]:
         if "tpu_custom_call" not in line:
             continue
         name = next((k for k in KERNEL_NAMES if re.search(rf"\b{k}\b", line)), None)
-        config = re.search(r'backend_config="((?:[^"\\]|\\.)*)"', line)
+        body = re.search(r'"body":"([A-Za-z0-9+/=]*)"', line)  # the base64 Mosaic module
         if name is not None:
-            found.append((name, len(config.group(1)) if config else 0))
+            found.append((name, len(body.group(1)) * 3 // 4 if body else 0))
     return found
 
 

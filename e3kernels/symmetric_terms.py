@@ -148,6 +148,38 @@ def reduction_input_gradient(reduction: SparsePolynomial) -> SparsePolynomial:
     return make_polynomial(reduction.in_sizes, reduction.in_sizes, reduction.num_out, terms)
 
 
+class TermTable(NamedTuple):
+    """A polynomial's terms as the arrays every evaluator loops over (numpy, cached): the
+    program is a loop over outputs and, per output, over its terms, whatever their number.
+
+    Terms are sorted by output; output ``o``'s are ``offsets[o]`` to ``offsets[o + 1]``.
+    """
+
+    #: ``degree`` arrays ``(T,)`` int32: a term's variables, the short ones padded with
+    #: ``num_vars``, which evaluators read as a plane of ones
+    variables: tuple[np.ndarray, ...]
+    coef: np.ndarray  # (T,) int32 coefficient row (0 in a row reduction)
+    scale: np.ndarray  # (T,) float64
+    offsets: np.ndarray  # (num_out + 1,) int32
+
+
+@functools.cache
+def term_table(poly: SparsePolynomial) -> TermTable:
+    terms = sorted(poly.terms, key=lambda t: (t.out, t.vars))
+    degree = max(poly.degree, 1)
+    variables = tuple(
+        np.array([t.vars[j] if j < len(t.vars) else poly.num_vars for t in terms], np.int32)
+        for j in range(degree)
+    )
+    offsets = np.searchsorted([t.out for t in terms], np.arange(poly.num_out + 1)).astype(np.int32)
+    return TermTable(
+        variables,
+        np.array([max(t.coef, 0) for t in terms], np.int32),
+        np.array([t.scale for t in terms], np.float64),
+        offsets,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class SymmetricTerms:
     """A plan's contraction as one sparse polynomial of ``x`` plus its coefficient map.

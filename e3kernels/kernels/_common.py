@@ -11,10 +11,13 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 FAMILIES = ("triton", "mosaic")
+#: a TPU vreg: 8 sublanes x 128 lanes of 32 bits
+SUBLANES, LANES = 8, 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,3 +73,13 @@ def dot(a, b, precision: lax.Precision, contract_rows: bool = False, split_high:
         passes = ((a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi))
         return sum(lax.dot_general(x, y, dims, preferred_element_type=jnp.float32) for x, y in passes)
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def for_each_slab(row_block: int, body) -> None:
+    """Run ``body(rows)`` on each 8-row slab (one vreg high) of a ``row_block``-row tile."""
+
+    def step(i, carry):
+        body(pl.ds(pl.multiple_of(i * SUBLANES, SUBLANES), SUBLANES))
+        return carry
+
+    lax.fori_loop(0, row_block // SUBLANES, step, 0)

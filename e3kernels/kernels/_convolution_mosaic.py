@@ -37,9 +37,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles, in_range
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import KernelConfig
-from e3kernels.kernels._sparse_polynomial_mosaic import LANES, SUBLANES, _for_each_slab
-from e3kernels.kernels._term_unrolling import row_sum
+from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab
+from e3kernels.kernels._term_loop import row_sum
 from e3kernels.reference.equivariant_convolution import OUT
 
 ROW_BLOCK = 16
@@ -240,7 +239,7 @@ def _node_kernel(block_tiles_ref, tile_slots_hbm, nodes_hbm, sh_hbm, weights_hbm
                 out_ref[node, row, :] = out_ref[node, row, :] + row_sum(total, keepdims=True)
 
         _gather(copies, [count > k for k in range(row_block)], mask)
-        _for_each_slab(row_block, slab)
+        for_each_slab(row_block, slab)
         return carry
 
     lax.fori_loop(first, end, tile_step, 0)
@@ -340,7 +339,7 @@ def _weights_kernel(ends_ref, x_hbm, g_hbm, sh_ref, out_ref, x_buffer, g_buffer,
             out_ref[p, rows, :] = jnp.where(valid, total, 0.0).astype(out_ref.dtype)
 
     _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
-    _for_each_slab(row_block, slab)
+    for_each_slab(row_block, slab)
 
 
 def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dtype, *, config: KernelConfig):
@@ -378,7 +377,7 @@ def _sh_kernel(ends_ref, x_hbm, g_hbm, weights_ref, out_ref, x_buffer, g_buffer,
             out_ref[0, rows, pl.ds(j, 1)] = lax.reduce(total, np.array(0, np.float32), lax.add, (1,))[:, None]
 
     _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
-    _for_each_slab(row_block, slab)
+    for_each_slab(row_block, slab)
 
 
 def _kernels():

@@ -8,30 +8,33 @@ Algorithm ("weights first", then one sparse polynomial per row and channel):
    ``A[t, :]`` over the paths' ``mul`` axes.
 2. Per call, a small XLA einsum ``B[s, t, c] = sum_k A[t, k] W[s, k, c]`` (``S = 1`` for
    shared weights), then one kernel computes, for every row ``n`` and channel ``c``,
-   ``out[n, c, o_t] += B[s_n, t, c] * prod_{j in J_t} x[n, c, j]`` over the unrolled terms,
-   in float32, sharing the products of common leading variables (``_term_unrolling``).
-   With indexed weights rows are sorted by index (``e3kernels.grouping``), so that a tile of rows
-   reads one ``B[s]``; rows with an invalid index form their own tiles, written as NaN.
-3. The backward passes are the same kind of kernel with derived term lists
-   (``_sparse_polynomial``: input gradients are polynomials again, coefficient gradients
-   per-tile row sums), so any order of differentiation runs Pallas kernels; the weights'
-   gradient then flows through the einsum of step 2.
+   ``out[n, c, o_t] += B[s_n, t, c] * prod_{j in J_t} x[n, c, j]``, in float32, as a loop
+   over the term table (``_term_loop``): the kernel's code is the same for any term list.
+   With indexed weights rows are sorted by index (``e3kernels.grouping``), so that a tile
+   of rows reads one ``B[s]``; rows with an invalid index form their own tiles, written as
+   NaN.
+3. The backward passes are the same kernels with derived term lists
+   (``e3kernels.sparse_polynomial``: input gradients are polynomials again, coefficient
+   gradients per-tile row sums), so any order of differentiation runs the same two
+   kernels; the weights' gradient then flows through the einsum of step 2. This is the
+   reference's own function (``reference.symmetric_contraction.contract``) on a kernel
+   evaluator.
 
-Why, at MACE-M (``0e+1o+2e+3o``, orders 1-3, keep ``0e+1o``, C = 128): the basis is 98.9 %
+Cost at MACE-M (``0e+1o+2e+3o``, orders 1-3, keep ``0e+1o``, C = 128): the basis is 98.9 %
 zeros, so the forward is 410 terms (order 3: 355 of the 816 sorted monomials x output
-components; order 2: 51; order 1: 4) plus 478 shared prefix products: ~1.3 kFLOP per
-channel, **~166 kFLOP per row**, against ~1 MFLOP for a dense contraction of the basis.
-HBM traffic is x in and out only, ``(16 + 4) x 128 x 4 B = 10 kB`` per row; ``B`` (210 kB
-per weight set) is re-read from L2 once per 32-row tile, ~6.5 kB per row. At ~16 FLOP/B
-the forward sits near the H100's FP32 ridge (~20 FLOP/B): N = 4000 is ~0.7 GFLOP and
-~40 MB, ~10-15 us if the unrolled terms stay in registers. The input gradient has 993
-terms (~345 kFLOP and 18 kB per row), the weight gradient 410 terms (~170 kFLOP, 10 kB
-read per row, plus ~7 kB per row of per-tile partial sums written and re-read);
-second-order gradients reach ~2700 terms per kernel.
+components; order 2: 51; order 1: 4), ~1.6 kFLOP per channel, ~200 kFLOP per row, against
+~1 MFLOP for a dense contraction of the basis. A term reads its variables' planes (from
+L1 or VMEM after the first term that reads them) and one coefficient row; the input
+gradient has 993 terms, the weight gradient 410, second-order gradients ~2700.
+
+Why a loop and not the terms unrolled into straight-line code (what these kernels were
+before, with shared prefix products): unrolled, the H100 compile of the forward took 88 s,
+its gradient 191 s and a force-style second order 682 s, with register spills; looped,
+0.5 s, 1.0 s and 1.2 s, 40 registers and no spill (``make compile-check``).
 
 Orders above 4 (and term lists above ``MAX_TERMS``) are not handled
-(:func:`why_unsupported`): the terms grow like ``dim_in ** order / order!``, and their
-second derivatives several times more, all unrolled into one kernel body.
+(:func:`why_unsupported`): the terms grow like ``dim_in ** order / order!``, and the term
+table lives in TPU SMEM and each weight set's coefficient rows in one VMEM block.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ from e3kernels.reference.symmetric_contraction import contract
 from e3kernels.symmetric_terms import symmetric_terms
 
 MAX_ORDER = 4
-MAX_TERMS = 4096  # beyond this the unrolled kernels (and their derivatives) compile too slowly
+#: beyond this, a term table column outgrows the SMEM budget the TPU index-memory test
+#: holds every kernel to, and a weight set's coefficient rows a 2 MiB VMEM block
+MAX_TERMS = 4096
 
 TRITON = KernelConfig("triton")
 TRITON_INTERPRET = KernelConfig("triton", interpret=True)
@@ -58,10 +63,10 @@ MOSAIC_INTERPRET = KernelConfig("mosaic", interpret=True)
 def why_unsupported(plan: SymmetricPlan) -> str | None:
     """Why the kernels cannot run ``plan``, or ``None`` when they can."""
     if max(plan.orders) > MAX_ORDER:
-        return f"orders above {MAX_ORDER} unroll too many terms (got orders {plan.orders})"
+        return f"orders above {MAX_ORDER} have too many terms (got orders {plan.orders})"
     num_terms = len(symmetric_terms(plan).polynomial.terms)
     if num_terms > MAX_TERMS:
-        return f"{num_terms} nonzero basis terms; the unrolled kernels handle at most {MAX_TERMS}"
+        return f"{num_terms} nonzero basis terms; the kernels handle at most {MAX_TERMS}"
     return None
 
 

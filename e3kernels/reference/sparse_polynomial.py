@@ -23,15 +23,13 @@ small program with another term list (:mod:`e3kernels.sparse_polynomial`).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from e3kernels.grouping import RowTiles
-from e3kernels.symmetric_terms import SparsePolynomial
+from e3kernels.symmetric_terms import SparsePolynomial, term_table
 
 #: rows per tile: 8 x 128 channels x 4 B is a 4 kB plane, so a tile's 17 planes (MACE-M)
 #: and its outputs stay in L1. Measured on a 2-core x86 (MACE-M, N = 1000, forward /
@@ -40,18 +38,12 @@ from e3kernels.symmetric_terms import SparsePolynomial
 ROW_BLOCK = 8
 
 
-@functools.cache
-def _term_table(poly: SparsePolynomial) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(variables (T, degree), output (T,), coefficient row (T,), scale (T,))``; short
-    terms' variables padded with ``num_vars``, the plane of ones."""
-    degree = max(poly.degree, 1)
-    variables = np.full((len(poly.terms), degree), poly.num_vars, np.int32)
-    for k, term in enumerate(poly.terms):
-        variables[k, : len(term.vars)] = term.vars
-    out = np.array([t.out for t in poly.terms], np.int32)
-    coef = np.array([max(t.coef, 0) for t in poly.terms], np.int32)
-    scale = np.array([t.scale for t in poly.terms], np.float64)
-    return variables, out, coef, scale
+def _table(poly: SparsePolynomial, dtype):
+    """``(variables (T, degree), output (T,), coefficient row (T,), scale (T,))`` as arrays."""
+    table = term_table(poly)
+    out = np.repeat(np.arange(poly.num_out, dtype=np.int32), np.diff(table.offsets))
+    variables = jnp.asarray(np.stack(table.variables, axis=1))
+    return variables, jnp.asarray(out), jnp.asarray(table.coef), jnp.asarray(table.scale, dtype)
 
 
 def _tiled_planes(zs, tiles: RowTiles, tile_rows: int, dtype) -> jax.Array:
@@ -84,8 +76,7 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
     if not poly.terms or num_rows == 0 or num_channels == 0:
         total = jnp.zeros((num_rows, num_channels, poly.num_out), dtype)
     else:
-        variables, out, coef, scale = (jnp.asarray(a) for a in _term_table(poly))
-        scale = scale.astype(dtype)
+        variables, out, coef, scale = _table(poly, dtype)
         planes = _tiled_planes(zs, tiles, config.tile_rows, dtype)
 
         def tile(args):
@@ -118,8 +109,7 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
     shape = (num_groups, reduction.num_out, num_channels)
     if not reduction.terms or num_rows == 0 or num_channels == 0:
         return jnp.zeros(shape, dtype)
-    variables, out, _, scale = (jnp.asarray(a) for a in _term_table(reduction))
-    scale = scale.astype(dtype)
+    variables, out, _, scale = _table(reduction, dtype)
     planes = _tiled_planes(zs, tiles, config.tile_rows, dtype)
 
     def tile(sums, args):

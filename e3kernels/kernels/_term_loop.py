@@ -1,0 +1,91 @@
+"""The sparse-polynomial kernels' shared vocabulary: a term loop in the kernel body, and
+the tiled layout both kernel families read (Triton and Mosaic).
+
+Kernel body. A loop over the outputs and, per output, a loop over its terms (the
+:class:`~e3kernels.symmetric_terms.TermTable`: variables, offsets per output), each term
+one product of ``(rows, channels)`` planes times its coefficient row, summed in float32.
+The program is the same whatever the number of terms: the derivatives of MACE-M's
+contraction (up to ~3,000 terms) compile as fast as its forward (410 terms). Unrolled,
+the force-training second order took 682 s to compile for H100 and spilled registers.
+
+Layout (the wrapper's, in XLA): every input's variables gathered in tile order
+(:class:`~e3kernels.grouping.RowTiles`, so a tile of rows has one weight set), as
+``(V + 1, T * rows, C_pad)`` float32 planes, the last a plane of ones (a term's padding
+variable), padding rows zero. Each term's coefficient row comes pre-scaled in a
+``(groups, terms, C_pad)`` table. Outputs come back ``(O, T * rows, C_pad)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from e3kernels.grouping import RowTiles
+from e3kernels.symmetric_terms import SparsePolynomial, TermTable
+
+
+def run_terms(table_refs, num_out: int, plane: Callable, coefficient: Callable, finish: Callable,
+              shape: tuple[int, int]) -> None:
+    """``finish(o, sum over output o's terms of coefficient(t) * prod plane(v))`` for every
+    output ``o`` (a loop, not unrolled). ``table_refs``: ``(offsets, *variables)`` refs of a
+    :class:`TermTable`; ``plane(v)`` a ``shape`` float32 tile, ``coefficient(t)`` a
+    ``(1, shape[1])`` row."""
+    offsets_ref, *variable_refs = table_refs
+
+    def output(o, carry):
+        def term(t, acc):
+            value = jnp.broadcast_to(coefficient(t), shape)
+            for variables_ref in variable_refs:
+                value = value * plane(variables_ref[t])
+            return acc + value
+
+        finish(o, lax.fori_loop(offsets_ref[o], offsets_ref[o + 1], term, jnp.zeros(shape, jnp.float32)))
+        return carry
+
+    lax.fori_loop(0, num_out, output, 0)
+
+
+def table_operands(table: TermTable) -> tuple[jax.Array, ...]:
+    """``(offsets, *variables)`` as int32 arrays, the order :func:`run_terms` reads them."""
+    return (jnp.asarray(table.offsets),) + tuple(jnp.asarray(v) for v in table.variables)
+
+
+def tiled_planes(zs, tiles: RowTiles, tile_rows: int, padded_channels: int) -> jax.Array:
+    """``(V + 1, T * tile_rows, padded_channels)`` float32: the inputs' variables in tile
+    order, then a plane of ones; padding rows and channels zero."""
+    num_channels = zs[0].shape[1]
+    z = jnp.concatenate([jnp.asarray(z, jnp.float32) for z in zs], axis=-1)  # (N, C, V)
+    z = jnp.take(z, tiles.rows_of_slots(tile_rows), axis=0, mode="fill", fill_value=0)
+    z = jnp.concatenate([z, jnp.ones(z.shape[:2] + (1,), jnp.float32)], axis=-1)
+    z = jnp.transpose(z, (2, 0, 1))
+    return jnp.pad(z, ((0, 0), (0, 0), (0, padded_channels - num_channels)))
+
+
+def term_coefficients(table: TermTable, coefs, padded_channels: int) -> jax.Array:
+    """``(S, T, padded_channels)`` float32: each term's coefficient row, times its scale."""
+    scale = jnp.asarray(table.scale, jnp.float32)[None, :, None]
+    rows = jnp.asarray(coefs, jnp.float32)[:, table.coef, :] * scale
+    return jnp.pad(rows, ((0, 0), (0, 0), (0, padded_channels - rows.shape[-1])))
+
+
+def term_scales(table: TermTable, padded_channels: int) -> jax.Array:
+    """``(1, T, padded_channels)`` float32: a row reduction's term scales, as coefficient rows."""
+    scale = table.scale.astype(np.float32)[None, :, None]
+    return jnp.asarray(np.broadcast_to(scale, (1, len(table.scale), padded_channels)))
+
+
+def from_tiled(poly: SparsePolynomial, tiled: jax.Array, tiles: RowTiles, num_channels: int, out_dtypes):
+    """The outputs ``(N, C, size)`` from ``(O, T * rows, C_pad)`` tiled outputs."""
+    total = jnp.transpose(tiled[:, tiles.slot, :num_channels], (1, 2, 0))
+    outs = jnp.split(total, np.cumsum(poly.out_sizes)[:-1].tolist(), axis=-1)
+    return [o.astype(d) for o, d in zip(outs, out_dtypes)]
+
+
+def row_sum(tile, keepdims: bool = False):
+    """The sum over a tile's rows (axis 0)."""
+    total = lax.reduce(tile, np.array(0, tile.dtype), lax.add, (0,))
+    return lax.expand_dims(total, (0,)) if keepdims else total
