@@ -326,7 +326,7 @@ def _gpu_kernels(target: str, entry: str, dump: Path, ptxas: str) -> list[Kernel
         m = re.search(r"\.entry (\w+)\(", path.read_text())
         if m and m.group(1) in KERNEL_NAMES:
             ptx_by_name.setdefault(m.group(1), []).append(path)
-    kernels = []
+    kernels, compiled = [], {}
     for name, grid, shared in launches:
         kernel = Kernel(target, entry, name, grid=grid, shared_bytes=shared)
         candidates = ptx_by_name.get(name, [])
@@ -336,10 +336,23 @@ def _gpu_kernels(target: str, entry: str, dump: Path, ptxas: str) -> list[Kernel
             kernel.tensor_core_instructions = len(re.findall(r"\b(?:w?gmma|mma)\.", text))
             kernel.code_bytes = len(text.encode())
             _ptxas(kernel, ptx, ptxas)
+            compiled.setdefault(name, []).append(kernel)
         else:  # never a silent pass: without the PTX, registers and spills are unknown
             kernel.error = ("no PTX for this kernel in XLA's dump (XLA from JAX 0.11 on does not "
                             "write Triton's PTX there): registers and spills unchecked")
         kernels.append(kernel)
+    for kernel in kernels:
+        # XLA compiles identical kernels once and launches the one binary again (its kernel
+        # reuse cache): a launch without PTX of its own, whose name has PTX, is one of those.
+        # It gets the worst registers and spills of that name's compiled kernels, no code.
+        same = compiled.get(kernel.kernel, [])
+        if kernel.error and "no PTX" in kernel.error and same and all(k.error is None for k in same):
+            worst = max(same, key=lambda k: (k.spill_store_bytes or 0, k.registers or 0))
+            kernel.kernel += " (reused)"
+            kernel.error = None
+            kernel.registers = worst.registers
+            kernel.spill_store_bytes = worst.spill_store_bytes
+            kernel.spill_load_bytes = worst.spill_load_bytes
     return kernels or [Kernel(target, entry, "-", error="no kernel in the dump")]
 
 
@@ -420,14 +433,15 @@ def entry_table(kernels: list[Kernel]) -> str:
     entries: dict[str, list[Kernel]] = {}
     for k in kernels:
         entries.setdefault(k.entry, []).append(k)
-    lines = ["| entry point | compile s | temporaries MB | our kernels | kernel code kB |",
-             "|---|---|---|---|---|"]
+    lines = ["| entry point | compile s | temporaries MB | our kernel launches | compiled kernels "
+             "| kernel code kB |", "|---|---|---|---|---|---|"]
     for entry, ks in entries.items():
         first, ours = ks[0], [k for k in ks if k.kernel != "-"]
+        compiled = [k for k in ours if not k.kernel.endswith("(reused)")]
         seconds = "-" if first.compile_seconds is None else f"{first.compile_seconds:.1f}"
         temporaries = "-" if first.temp_bytes is None else f"{first.temp_bytes / 2**20:.0f}"
         code = sum(k.code_bytes or 0 for k in ours) / 1e3
-        lines.append(f"| {entry} | {seconds} | {temporaries} | {len(ours)} | {code:.0f} |")
+        lines.append(f"| {entry} | {seconds} | {temporaries} | {len(ours)} | {len(compiled)} | {code:.0f} |")
     return "\n".join(lines)
 
 
