@@ -50,15 +50,19 @@ def _launch(kernel, out_shape, grid, config: KernelConfig, name: str):
                           interpret=config.pallas_interpret, name=name)
 
 
+def _operands(poly: SparsePolynomial, zs, tiles: RowTiles, row_block: int):
+    """``(channel block, padded channels, term table, its operands, tiled planes)``."""
+    block = _channel_block(zs[0].shape[1])
+    padded = cdiv(zs[0].shape[1], block) * block
+    table = term_table(poly)
+    return block, padded, table, table_operands(table), tiled_planes(zs, tiles, row_block, padded)
+
+
 def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles: RowTiles, *,
                config: KernelConfig):
     """``poly`` evaluated per row with its tile's coefficient row set (see symmetric_terms)."""
     row_block, num_channels = config.tile_rows, zs[0].shape[1]
-    block = _channel_block(num_channels)
-    padded = cdiv(num_channels, block) * block
-    table = term_table(poly)
-    planes = tiled_planes(zs, tiles, row_block, padded)
-    operands = table_operands(table)
+    block, padded, table, operands, planes = _operands(poly, zs, tiles, row_block)
     kernel = functools.partial(_polynomial_kernel, num_out=poly.num_out, num_table=len(operands), fill=fill,
                                num_groups=coefs.shape[0], row_block=row_block, channel_block=block)
     out_shape = jax.ShapeDtypeStruct((poly.num_out,) + planes.shape[1:], jnp.float32)
@@ -93,11 +97,7 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
     """``(S, Q, C)`` float32: per group, the sum over its rows of the reduction's terms."""
     assert all(t.vars for t in reduction.terms), "masked rows must contribute 0"
     row_block, num_channels = config.tile_rows, zs[0].shape[1]
-    block = _channel_block(num_channels)
-    padded = cdiv(num_channels, block) * block
-    table = term_table(reduction)
-    planes = tiled_planes(zs, tiles, row_block, padded)
-    operands = table_operands(table)
+    block, padded, table, operands, planes = _operands(reduction, zs, tiles, row_block)
     num_tiles = tiles.group.shape[0]
     active = jnp.where(tiles.group < num_groups, tiles.end - tiles.start, 0)  # group S: zeros
     kernel = functools.partial(_reduction_kernel, num_out=reduction.num_out, num_table=len(operands),
