@@ -1,6 +1,6 @@
 """Compile time, guarded without a clock: the optimized HLO of each op's force-style second
-order (the gradient of a loss on the input gradient, what force training runs) and of a
-small model's training step, against e3nn-jax's same program.
+order (the gradient of a loss on the input gradient, what force training runs) against
+e3nn-jax's same program (the small model's training step: test_mace_model.py).
 
 Instruction counts of XLA's optimized HLO do not depend on the machine, and compile time
 follows them. The bounds sit above today's ratios (in each test) so that a regression,
