@@ -31,14 +31,13 @@ from jax.experimental.pallas import tpu as pltpu
 from e3kernels.grouping import RowTiles, cdiv, locate_tile
 from e3kernels.kernels._common import LANES, KernelConfig
 from e3kernels.kernels._term_loop import (
-    from_tiled,
     row_sum,
     run_terms,
     table_operands,
     term_coefficients,
     term_scales,
-    tiled_planes,
 )
+from e3kernels.reference.sparse_polynomial import from_tiled, tiled_planes
 from e3kernels.symmetric_terms import SparsePolynomial, term_table
 
 ROW_BLOCK = 64  # default rows per tile: the grouping granularity of RowTiles
@@ -65,7 +64,7 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
     num_groups = coefs.shape[0]
     table = term_table(poly)
     padded = _padded_channels(num_channels)
-    planes = tiled_planes(zs, tiles, row_block, padded)
+    planes = tiled_planes(zs, tiles, row_block, padded, jnp.float32)
     operands = table_operands(table)
 
     def coefficient_block(c, t, first, bounds, *_):
@@ -111,7 +110,7 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
     num_channels = zs[0].shape[1]
     table = term_table(reduction)
     padded = _padded_channels(num_channels)
-    planes = tiled_planes(zs, tiles, row_block, padded)
+    planes = tiled_planes(zs, tiles, row_block, padded, jnp.float32)
     operands = table_operands(table)
     in_specs = [
         pl.BlockSpec((planes.shape[0], row_block, LANES), lambda c, t, *_: (0, t, c)),

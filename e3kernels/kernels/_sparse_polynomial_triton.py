@@ -25,14 +25,13 @@ from jax.experimental import pallas as pl
 from e3kernels.grouping import RowTiles, cdiv, sum_by_group
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels._term_loop import (
-    from_tiled,
     row_sum,
     run_terms,
     table_operands,
     term_coefficients,
     term_scales,
-    tiled_planes,
 )
+from e3kernels.reference.sparse_polynomial import from_tiled, tiled_planes
 from e3kernels.symmetric_terms import SparsePolynomial, term_table
 
 ROW_BLOCK = 32  # default rows per tile: the grouping granularity of RowTiles
@@ -55,7 +54,8 @@ def _operands(poly: SparsePolynomial, zs, tiles: RowTiles, row_block: int):
     block = _channel_block(zs[0].shape[1])
     padded = cdiv(zs[0].shape[1], block) * block
     table = term_table(poly)
-    return block, padded, table, table_operands(table), tiled_planes(zs, tiles, row_block, padded)
+    planes = tiled_planes(zs, tiles, row_block, padded, jnp.float32)
+    return block, padded, table, table_operands(table), planes
 
 
 def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles: RowTiles, *,

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from e3kernels.grouping import RowTiles
-from e3kernels.symmetric_terms import SparsePolynomial, TermTable
+from e3kernels.symmetric_terms import TermTable
 
 
 def run_terms(table_refs, num_out: int, plane: Callable, coefficient: Callable, finish: Callable,
@@ -54,17 +53,6 @@ def table_operands(table: TermTable) -> tuple[jax.Array, ...]:
     return (jnp.asarray(table.offsets),) + tuple(jnp.asarray(v) for v in table.variables)
 
 
-def tiled_planes(zs, tiles: RowTiles, tile_rows: int, padded_channels: int) -> jax.Array:
-    """``(V + 1, T * tile_rows, padded_channels)`` float32: the inputs' variables in tile
-    order, then a plane of ones; padding rows and channels zero."""
-    num_channels = zs[0].shape[1]
-    z = jnp.concatenate([jnp.asarray(z, jnp.float32) for z in zs], axis=-1)  # (N, C, V)
-    z = jnp.take(z, tiles.rows_of_slots(tile_rows), axis=0, mode="fill", fill_value=0)
-    z = jnp.concatenate([z, jnp.ones(z.shape[:2] + (1,), jnp.float32)], axis=-1)
-    z = jnp.transpose(z, (2, 0, 1))
-    return jnp.pad(z, ((0, 0), (0, 0), (0, padded_channels - num_channels)))
-
-
 def term_coefficients(table: TermTable, coefs, padded_channels: int) -> jax.Array:
     """``(S, T, padded_channels)`` float32: each term's coefficient row, times its scale."""
     scale = jnp.asarray(table.scale, jnp.float32)[None, :, None]
@@ -76,13 +64,6 @@ def term_scales(table: TermTable, padded_channels: int) -> jax.Array:
     """``(1, T, padded_channels)`` float32: a row reduction's term scales, as coefficient rows."""
     scale = table.scale.astype(np.float32)[None, :, None]
     return jnp.asarray(np.broadcast_to(scale, (1, len(table.scale), padded_channels)))
-
-
-def from_tiled(poly: SparsePolynomial, tiled: jax.Array, tiles: RowTiles, num_channels: int, out_dtypes):
-    """The outputs ``(N, C, size)`` from ``(O, T * rows, C_pad)`` tiled outputs."""
-    total = jnp.transpose(tiled[:, tiles.slot, :num_channels], (1, 2, 0))
-    outs = jnp.split(total, np.cumsum(poly.out_sizes)[:-1].tolist(), axis=-1)
-    return [o.astype(d) for o, d in zip(outs, out_dtypes)]
 
 
 def row_sum(tile, keepdims: bool = False):

@@ -46,16 +46,29 @@ def _table(poly: SparsePolynomial, dtype):
     return variables, jnp.asarray(out), jnp.asarray(table.coef), jnp.asarray(table.scale, dtype)
 
 
-def _tiled_planes(zs, tiles: RowTiles, tile_rows: int, dtype) -> jax.Array:
-    """``(T, V + 1, R, C)``: the inputs' variables per tile, then a plane of ones; padding
-    rows are zero."""
-    slots = tiles.rows_of_slots(tile_rows)
-    z = jnp.concatenate([z.astype(dtype) for z in zs], axis=-1)  # (N, C, V)
-    z = jnp.take(z, slots, axis=0, mode="fill", fill_value=0)  # (T * R, C, V)
-    num_tiles, (_, num_channels, num_vars) = slots.shape[0] // tile_rows, z.shape
-    z = jnp.transpose(z.reshape(num_tiles, tile_rows, num_channels, num_vars), (0, 3, 1, 2))
-    ones = jnp.ones((num_tiles, 1, tile_rows, num_channels), dtype)
-    return jnp.concatenate([z, ones], axis=1)
+def tiled_planes(zs, tiles: RowTiles, tile_rows: int, padded_channels: int, dtype) -> jax.Array:
+    """``(V + 1, T * tile_rows, padded_channels)`` of ``dtype``: the inputs' variables in
+    tile order, then a plane of ones; padding rows and channels zero. The layout of this
+    evaluator and of both kernel families."""
+    num_channels = zs[0].shape[1]
+    z = jnp.concatenate([jnp.asarray(z, dtype) for z in zs], axis=-1)  # (N, C, V)
+    z = jnp.take(z, tiles.rows_of_slots(tile_rows), axis=0, mode="fill", fill_value=0)
+    z = jnp.concatenate([z, jnp.ones(z.shape[:2] + (1,), dtype)], axis=-1)
+    z = jnp.transpose(z, (2, 0, 1))
+    return jnp.pad(z, ((0, 0), (0, 0), (0, padded_channels - num_channels)))
+
+
+def from_tiled(poly: SparsePolynomial, tiled: jax.Array, tiles: RowTiles, num_channels: int, out_dtypes):
+    """The outputs ``(N, C, size)`` from ``(O, T * rows, C_pad)`` tiled outputs."""
+    total = jnp.transpose(tiled[:, tiles.slot, :num_channels], (1, 2, 0))
+    outs = jnp.split(total, np.cumsum(poly.out_sizes)[:-1].tolist(), axis=-1)
+    return [o.astype(d) for o, d in zip(outs, out_dtypes)]
+
+
+def _planes_per_tile(zs, tiles: RowTiles, tile_rows: int, dtype) -> jax.Array:
+    """:func:`tiled_planes` as ``(T, V + 1, R, C)``, what the loop over tiles maps over."""
+    planes = tiled_planes(zs, tiles, tile_rows, zs[0].shape[1], dtype)
+    return jnp.moveaxis(planes.reshape(planes.shape[0], -1, tile_rows, planes.shape[-1]), 1, 0)
 
 
 def _monomial(planes, variables, term):
@@ -74,30 +87,28 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
     num_rows, num_channels = zs[0].shape[:2]
     num_groups, dtype = coefs.shape[0], coefs.dtype
     if not poly.terms or num_rows == 0 or num_channels == 0:
-        total = jnp.zeros((num_rows, num_channels, poly.num_out), dtype)
-    else:
-        variables, out, coef, scale = _table(poly, dtype)
-        planes = _tiled_planes(zs, tiles, config.tile_rows, dtype)
+        shapes = zip(poly.out_sizes, out_dtypes)
+        return [jnp.zeros((num_rows, num_channels, size), d) for size, d in shapes]
+    variables, out, coef, scale = _table(poly, dtype)
+    planes = _planes_per_tile(zs, tiles, config.tile_rows, dtype)
 
-        def tile(args):
-            z, group = args
-            coefficient_set = lax.dynamic_index_in_dim(coefs, jnp.minimum(group, num_groups - 1), 0, False)
+    def tile(args):
+        z, group = args
+        coefficient_set = lax.dynamic_index_in_dim(coefs, jnp.minimum(group, num_groups - 1), 0, False)
 
-            def term(t, acc):
-                row = lax.dynamic_index_in_dim(coefficient_set, coef[t], 0, keepdims=True)  # (1, C)
-                value = (scale[t] * row) * _monomial(z, variables, t)
-                current = lax.dynamic_index_in_dim(acc, out[t], 0, keepdims=False)
-                return lax.dynamic_update_index_in_dim(acc, current + value, out[t], 0)
+        def term(t, acc):
+            row = lax.dynamic_index_in_dim(coefficient_set, coef[t], 0, keepdims=True)  # (1, C)
+            value = (scale[t] * row) * _monomial(z, variables, t)
+            current = lax.dynamic_index_in_dim(acc, out[t], 0, keepdims=False)
+            return lax.dynamic_update_index_in_dim(acc, current + value, out[t], 0)
 
-            zeros = jnp.zeros((poly.num_out,) + z.shape[1:], dtype)
-            acc = lax.fori_loop(0, len(poly.terms), term, zeros)
-            return jnp.where(group < num_groups, acc, jnp.asarray(fill, dtype))
+        zeros = jnp.zeros((poly.num_out,) + z.shape[1:], dtype)
+        acc = lax.fori_loop(0, len(poly.terms), term, zeros)
+        return jnp.where(group < num_groups, acc, jnp.asarray(fill, dtype))
 
-        tiled = lax.map(tile, (planes, tiles.group))  # (T, O, R, C)
-        tiled = jnp.transpose(tiled, (0, 2, 3, 1)).reshape(-1, num_channels, poly.num_out)
-        total = tiled[tiles.slot]
-    outs = jnp.split(total, np.cumsum(poly.out_sizes)[:-1], axis=-1)
-    return [o.astype(d) for o, d in zip(outs, out_dtypes)]
+    tiled = lax.map(tile, (planes, tiles.group))  # (T, O, R, C)
+    tiled = jnp.moveaxis(tiled, 1, 0).reshape(poly.num_out, -1, num_channels)
+    return from_tiled(poly, tiled, tiles, num_channels, out_dtypes)
 
 
 def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTiles, *, config):
@@ -110,7 +121,7 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
     if not reduction.terms or num_rows == 0 or num_channels == 0:
         return jnp.zeros(shape, dtype)
     variables, out, _, scale = _table(reduction, dtype)
-    planes = _tiled_planes(zs, tiles, config.tile_rows, dtype)
+    planes = _planes_per_tile(zs, tiles, config.tile_rows, dtype)
 
     def tile(sums, args):
         z, group = args
