@@ -15,6 +15,7 @@ exceeds the ceiling of the sum by at most ``S``. Tiles past the last used one ar
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -58,12 +59,22 @@ class RowTiles(NamedTuple):
     def rows_of_slots(self, tile_rows: int) -> jax.Array:
         """``(T * tile_rows,)``: the row each slot of the tiled layout holds, ``N`` for
         padding (gather with a fill value). The inverse of :attr:`slot`."""
-        num_rows = self.slot.shape[0]
-        offset = jnp.arange(tile_rows, dtype=jnp.int32)
-        position = self.start[:, None] + offset
-        if self.order is not None:
-            position = self.order[jnp.clip(position, 0, max(num_rows - 1, 0))]
-        return jnp.where(offset < (self.end - self.start)[:, None], position, num_rows).reshape(-1)
+        return _rows_of_slots(self, tile_rows)
+
+
+# The schedule's functions are jitted: an op call and each of its derivatives ask for the
+# same schedule, and JAX then traces it once per shape, not once per call (in the MACE
+# model's energy and forces, 28 traces cost 0.37 s of its 1.4 s of lowering).
+
+
+@functools.partial(jax.jit, static_argnums=1, inline=True)
+def _rows_of_slots(tiles: RowTiles, tile_rows: int) -> jax.Array:
+    num_rows = tiles.slot.shape[0]
+    offset = jnp.arange(tile_rows, dtype=jnp.int32)
+    position = tiles.start[:, None] + offset
+    if tiles.order is not None:
+        position = tiles.order[jnp.clip(position, 0, max(num_rows - 1, 0))]
+    return jnp.where(offset < (tiles.end - tiles.start)[:, None], position, num_rows).reshape(-1)
 
 
 def in_range(indices: jax.Array, size: int) -> jax.Array:
@@ -80,6 +91,7 @@ def edge_in_range(senders, receivers, num_nodes: int) -> jax.Array:
     return in_range(senders, num_nodes) & in_range(receivers, num_nodes)
 
 
+@functools.partial(jax.jit, static_argnums=1, inline=True)
 def group_rows(indices: jax.Array, num_groups: int) -> Grouping:
     """Sort rows by index; out-of-range indices go to the extra group ``num_groups``."""
     valid = in_range(indices, num_groups)
@@ -96,6 +108,7 @@ def num_tiles(num_rows: int, num_groups: int, tile_rows: int) -> int:
     return -(-num_rows // tile_rows) + num_groups
 
 
+@functools.partial(jax.jit, static_argnums=1, inline=True)
 def tile_schedule(grouping: Grouping, tile_rows: int) -> RowTiles:
     """Cut every group into tiles of ``tile_rows`` rows (the last one of a group shorter)."""
     bounds = grouping.bounds

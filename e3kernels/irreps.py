@@ -339,25 +339,35 @@ def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *,
     return _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization)
 
 
+# XLA options for a one-off program whose run time does not matter
+_UNOPTIMISED = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 @functools.cache
 def _convolution_plan(irreps_in, irreps_sh, filter_ir_out, irrep_normalization) -> ConvolutionPlan:
-    # e3nn's tensor product of the basis vectors of both inputs is the table itself; computed
-    # eagerly even when the plan is first built inside a trace (jit, eval_shape, a Haiku init),
-    # and in float64, so that float64 convolutions are exact to float64 round-off
-    with jax.ensure_compile_time_eval(), jax.enable_x64(True):
-        eye_in = e3nn.IrrepsArray(irreps_in, np.eye(irreps_in.dim, dtype=np.float64))
-        eye_sh = e3nn.IrrepsArray(irreps_sh, np.eye(irreps_sh.dim, dtype=np.float64))
-        product = e3nn.tensor_product(
-            eye_in[:, None, :], eye_sh[None, :, :], filter_ir_out=filter_ir_out,
-            irrep_normalization=irrep_normalization,
+    # e3nn's tensor product of the basis vectors of both inputs is the table itself, in
+    # float64 so that float64 convolutions are exact to float64 round-off. It is one small
+    # CPU program compiled without optimisation and run on concrete inputs, also when the
+    # plan is first built inside a trace (jit, eval_shape, a Haiku init): dispatching its
+    # hundreds of small ops one by one costs seconds of first-use compiles.
+    def basis_product(eye_in, eye_sh):
+        return e3nn.tensor_product(
+            e3nn.IrrepsArray(irreps_in, eye_in)[:, None, :],
+            e3nn.IrrepsArray(irreps_sh, eye_sh)[None, :, :],
+            filter_ir_out=filter_ir_out, irrep_normalization=irrep_normalization,
         )
-        table = np.asarray(product.array, dtype=np.float64)
+
+    with jax.ensure_compile_time_eval(), jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        eyes = (np.eye(irreps_in.dim, dtype=np.float64), np.eye(irreps_sh.dim, dtype=np.float64))
+        irreps_out = jax.eval_shape(basis_product, *eyes).irreps
+        program = jax.jit(lambda *e: basis_product(*e).array).lower(*eyes)
+        table = np.asarray(program.compile(_UNOPTIMISED)(*eyes), dtype=np.float64)
     path_of_column = []
-    for mul, ir in product.irreps:
+    for mul, ir in irreps_out:
         for _ in range(mul):
             path_of_column.extend([len(set(path_of_column))] * ir.dim)
     table = np.where(np.abs(table) < 1e-12, 0.0, table)  # round-off of exact zeros
     return ConvolutionPlan(
-        irreps_in, irreps_sh, filter_ir_out, irrep_normalization, product.irreps,
+        irreps_in, irreps_sh, filter_ir_out, irrep_normalization, irreps_out,
         tuple(path_of_column), table,
     )
