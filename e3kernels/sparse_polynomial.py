@@ -53,9 +53,9 @@ def _family(config):
     if config.family == "reference":
         return reference
     # imported only when a kernel runs: the reference needs no Pallas
-    from e3kernels.kernels import _sparse_polynomial_mosaic, _sparse_polynomial_triton
+    from e3kernels.kernels.symmetric_contraction import _mosaic, _triton
 
-    return {"triton": _sparse_polynomial_triton, "mosaic": _sparse_polynomial_mosaic}[config.family]
+    return {"triton": _triton, "mosaic": _mosaic}[config.family]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

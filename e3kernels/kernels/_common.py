@@ -1,4 +1,5 @@
-"""The vocabulary every kernel module shares: how a kernel is launched, and its dot.
+"""The vocabulary every op's kernels share (``kernels/<op>/``, Triton and Mosaic): how a
+kernel is launched, its dot, the TPU vreg and its slabs, and a tile's row sum.
 
 The tile schedule all kernels run over is :class:`e3kernels.grouping.RowTiles`, shared
 with the CPU reference.
@@ -10,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -83,3 +85,9 @@ def for_each_slab(row_block: int, body) -> None:
         return carry
 
     lax.fori_loop(0, row_block // SUBLANES, step, 0)
+
+
+def row_sum(tile, keepdims: bool = False):
+    """The sum over a tile's rows (axis 0)."""
+    total = lax.reduce(tile, np.array(0, tile.dtype), lax.add, (0,))
+    return lax.expand_dims(total, (0,)) if keepdims else total

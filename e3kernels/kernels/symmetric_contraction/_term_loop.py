@@ -64,9 +64,3 @@ def term_scales(table: TermTable, padded_channels: int) -> jax.Array:
     """``(1, T, padded_channels)`` float32: a row reduction's term scales, as coefficient rows."""
     scale = table.scale.astype(np.float32)[None, :, None]
     return jnp.asarray(np.broadcast_to(scale, (1, len(table.scale), padded_channels)))
-
-
-def row_sum(tile, keepdims: bool = False):
-    """The sum over a tile's rows (axis 0)."""
-    total = lax.reduce(tile, np.array(0, tile.dtype), lax.add, (0,))
-    return lax.expand_dims(total, (0,)) if keepdims else total

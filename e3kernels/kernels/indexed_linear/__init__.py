@@ -18,7 +18,7 @@ Algorithm: a grouped matmul over rows sorted by index.
    accumulated in float32), adds the biases, and writes the rows; invalid-group rows
    are written as NaN, and output columns no block reaches as zeros.
 
-GPU (Triton lowering, ``_linear_gpu``): the kernel reads the tile's rows straight from
+GPU (Triton lowering, ``_triton``): the kernel reads the tile's rows straight from
 e3nn's flat layout, gathering rows through the sorted row ids and columns
 ``u * d + m`` with a masked strided index, and scatters results to the original rows.
 All blocks of the plan run in one ``pallas_call`` (grid: tile x output chunk). So ``x``
@@ -26,7 +26,7 @@ is read once and ``out`` written once, no permuted or transposed copy: at the MA
 the op is bandwidth-bound or close to it, and every extra XLA pass over ``x`` would cost
 as much as the kernel's own traffic.
 
-TPU (Mosaic, ``_linear_tpu``): gathering rows in a kernel does not fit Mosaic's
+TPU (Mosaic, ``_mosaic``): gathering rows in a kernel does not fit Mosaic's
 DMA-a-block model, so the wrapper gathers ``x`` into a group-padded, component-major
 layout ``(d, slots, mul)`` and a megablox-style grouped matmul picks the weight block
 from the tile's group in scalar prefetch (``PrefetchScalarGridSpec``). This costs two
@@ -77,8 +77,8 @@ from jax import lax
 from e3kernels import grouped_linear
 from e3kernels.grouping import Grouping, sum_by_group
 from e3kernels.irreps import LinearPlan
-from e3kernels.kernels import _linear_gpu, _linear_tpu
 from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels.indexed_linear import _mosaic, _triton
 
 #: the kernel family of each platform
 PLATFORMS = {"gpu": "triton", "tpu": "mosaic"}
@@ -143,19 +143,19 @@ class _Kernels:
     def apply(self, plan, x, weights, biases, grouping: Grouping, fill: float):
         if self.config.family == "triton":
             config = dataclasses.replace(self.config, tile_rows=self._tile_rows(16, 32))
-            kernels = _linear_gpu
+            kernels = _triton
         else:
             config = dataclasses.replace(self.config, tile_rows=self._tile_rows(16, 128))
-            kernels = _linear_tpu
+            kernels = _mosaic
         return kernels.apply(plan, x, weights, biases, grouping, self.num_groups, fill,
                              precision=self.precision, config=config)
 
     def weight_grad(self, plan, x, g, grouping: Grouping):
         """``(S, mul_in, mul_out)`` float32 per block: ``pw * sum_{n in s, m} x^T g``."""
         if self.config.family == "triton":
-            config, kernels = dataclasses.replace(self.config, tile_rows=32), _linear_gpu
+            config, kernels = dataclasses.replace(self.config, tile_rows=32), _triton
         else:
-            config, kernels = self.config, _linear_tpu
+            config, kernels = self.config, _mosaic
         partials, tile_group = kernels.weight_partials(plan, x, g, grouping, self.num_groups,
                                                        precision=self.precision, config=config)
         return tuple(

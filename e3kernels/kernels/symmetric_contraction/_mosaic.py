@@ -1,6 +1,7 @@
-"""TPU (Mosaic) Pallas kernels for sparse polynomials and row reductions.
+"""TPU (Mosaic) Pallas kernels for sparse polynomials and row reductions, the symmetric
+contraction's evaluator (:mod:`e3kernels.sparse_polynomial` calls them).
 
-The inputs arrive in the tiled layout of :mod:`~e3kernels.kernels._term_loop`:
+The inputs arrive in the tiled layout of :mod:`._term_loop`:
 ``(V + 1, T * row_block, C_pad)`` planes, channels padded to the 128 lanes. A grid step
 takes one tile of ``row_block`` rows (``ROW_BLOCK`` by default; few steps, as each costs
 ~0.35 us) and 128 channels; a variable is then the ``(row_block, 128)`` slab ``z[v]``, read
@@ -8,7 +9,7 @@ at a dynamic index of the untiled leading axis, and a term's coefficient row a d
 sublane row of its group's table. The tile's weight set is found by the coefficient table's
 ``index_map`` in the schedule's per-group summary (``RowTiles.first`` and ``bounds``, in
 scalar prefetch with the term table: neither grows with the rows; SMEM has 1 MiB).
-The body is :func:`~e3kernels.kernels._term_loop.run_terms`. Empty tiles skip the work.
+The body is :func:`._term_loop.run_terms`. Empty tiles skip the work.
 
 A row reduction accumulates into its group's ``(1, Q, 128)`` output block over consecutive
 tiles (the row grid axis is ``arbitrary``), zeroing it on the group's first tile. Tiles of
@@ -29,9 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import RowTiles, cdiv, locate_tile
-from e3kernels.kernels._common import LANES, KernelConfig
-from e3kernels.kernels._term_loop import (
-    row_sum,
+from e3kernels.kernels._common import LANES, KernelConfig, row_sum
+from e3kernels.kernels.symmetric_contraction._term_loop import (
     run_terms,
     table_operands,
     term_coefficients,

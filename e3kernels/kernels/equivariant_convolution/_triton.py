@@ -24,8 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from e3kernels.grouping import cdiv, group_rows, in_range
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import KernelConfig
-from e3kernels.kernels._term_loop import row_sum
+from e3kernels.kernels._common import KernelConfig, row_sum
 from e3kernels.reference.equivariant_convolution import OUT
 
 EDGE_BLOCK = 16

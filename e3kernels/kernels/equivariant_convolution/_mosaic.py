@@ -37,8 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles, in_range
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab
-from e3kernels.kernels._term_loop import row_sum
+from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab, row_sum
 from e3kernels.reference.equivariant_convolution import OUT
 
 ROW_BLOCK = 16

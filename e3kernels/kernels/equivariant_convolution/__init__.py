@@ -98,9 +98,9 @@ class KernelPartials:
         return type(other) is type(self) and (other.plan, other.config) == (self.plan, self.config)
 
     def __call__(self, which, out_dtype, args, senders, receivers, num_nodes):
-        from e3kernels.kernels import _convolution_mosaic, _convolution_triton
+        from e3kernels.kernels.equivariant_convolution import _mosaic, _triton
 
-        family = {"triton": _convolution_triton, "mosaic": _convolution_mosaic}[self.config.family]
+        family = {"triton": _triton, "mosaic": _mosaic}[self.config.family]
         x, sh, weights, g = args
         plan, config = self.plan, self.config
         if has_no_work(args, senders, num_nodes):

@@ -1,4 +1,4 @@
-"""GPU (Triton lowering) kernels of the indexed linear map; see ``indexed_linear.py``.
+"""GPU (Triton lowering) kernels of the indexed linear map; see the package's ``__init__``.
 
 Both kernels read rows straight from e3nn's flat layout through the sorted row ids: a
 tile's rows are gathered with an integer row index and its columns ``u * ir_dim + m`` with

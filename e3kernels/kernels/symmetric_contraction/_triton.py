@@ -1,12 +1,13 @@
-"""GPU (Triton lowering) Pallas kernels for sparse polynomials and row reductions.
+"""GPU (Triton lowering) Pallas kernels for sparse polynomials and row reductions, the
+symmetric contraction's evaluator (:mod:`e3kernels.sparse_polynomial` calls them).
 
-The inputs arrive in the tiled layout of :mod:`~e3kernels.kernels._term_loop`:
+The inputs arrive in the tiled layout of :mod:`._term_loop`:
 ``(V + 1, T * row_block, C_pad)`` planes, channels padded to a multiple of the channel
 block, so that no load needs a mask. A program owns one row tile of a
 :class:`~e3kernels.grouping.RowTiles` schedule (``row_block`` rows of one weight set;
 ``ROW_BLOCK`` by default) and ``CHANNEL_BLOCK`` channels; a variable is one contiguous
 ``(row_block, channel_block)`` load of its plane (from L1/L2 after the first term that
-reads it), and the body is :func:`~e3kernels.kernels._term_loop.run_terms`, whose
+reads it), and the body is :func:`._term_loop.run_terms`, whose
 accumulator and product stay in registers. Empty tiles (the schedule's spares) skip it.
 
 A row reduction writes one partial sum per tile, ``(T, Q, C_pad)``, and XLA sums each
@@ -23,9 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from e3kernels.grouping import RowTiles, cdiv, sum_by_group
-from e3kernels.kernels._common import KernelConfig
-from e3kernels.kernels._term_loop import (
-    row_sum,
+from e3kernels.kernels._common import KernelConfig, row_sum
+from e3kernels.kernels.symmetric_contraction._term_loop import (
     run_terms,
     table_operands,
     term_coefficients,

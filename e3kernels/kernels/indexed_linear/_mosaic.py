@@ -1,4 +1,4 @@
-"""TPU (Mosaic) kernels of the indexed linear map; see ``indexed_linear.py``.
+"""TPU (Mosaic) kernels of the indexed linear map; see the package's ``__init__``.
 
 Mosaic works on (8, 128)-tiled blocks that BlockSpecs DMA in, so rows are not gathered in
 the kernel: the wrapper gathers ``x`` into a padded layout where every tile of
@@ -44,7 +44,7 @@ def _component_major(rows, start: int, mul: int, ir_dim: int, rows_last: bool = 
 
 def apply(plan: LinearPlan, x, weights, biases, grouping: Grouping, num_groups: int, fill: float,
           *, precision, config: KernelConfig):
-    """As :func:`._linear_gpu.apply`: rows of the invalid group are set to ``fill``."""
+    """As :func:`._triton.apply`: rows of the invalid group are set to ``fill``."""
     tile_rows = config.tile_rows
     tiles = tile_schedule(grouping, tile_rows)
     padded = jnp.take(x, tiles.rows_of_slots(tile_rows), axis=0, mode="fill", fill_value=0)
@@ -118,7 +118,7 @@ def _segment_kernel(first_ref, bounds_ref, *refs, blocks: list[LinearBlock], bia
 
 def weight_partials(plan: LinearPlan, x, g, grouping: Grouping, num_groups: int,
                     *, precision, config: KernelConfig):
-    """As :func:`._linear_gpu.weight_partials`, on tiles of :data:`WGRAD_TILE_ROWS` slots."""
+    """As :func:`._triton.weight_partials`, on tiles of :data:`WGRAD_TILE_ROWS` slots."""
     tiles = tile_schedule(grouping, WGRAD_TILE_ROWS)
     row_of_slot = tiles.rows_of_slots(WGRAD_TILE_ROWS)
     x_padded = jnp.take(x, row_of_slot, axis=0, mode="fill", fill_value=0)
