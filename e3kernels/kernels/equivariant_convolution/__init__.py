@@ -9,7 +9,7 @@ differentiation): the kernels implement the four partials, :class:`KernelPartial
   node's edges are summed in a fixed order by one program (deterministic: no atomics).
   A block of edges at a time, the program gathers the other end's node features, the
   edges' spherical harmonics and weights, and runs the tensor product's nonzero terms
-  (:func:`column_terms`) in float32 registers: the messages exist only there.
+  (:func:`._columns.column_terms`) in float32 registers: the messages exist only there.
 * ``dF/dw`` and ``dF/dsh``: *edge partials*, one block of edges per program, in the edges'
   own order; ``dF/dsh`` sums over channels, per channel block, and XLA adds the blocks.
 
@@ -26,10 +26,10 @@ import functools
 from collections.abc import Callable
 
 import jax.numpy as jnp
-import numpy as np
 
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels.equivariant_convolution import _mosaic, _triton
 from e3kernels.reference.equivariant_convolution import (
     OUT,
     WEIGHTS,
@@ -63,28 +63,6 @@ def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: Convolu
     return convolve(KernelPartials(plan, config), x, sh, weights, senders, receivers, avg_num_neighbors)
 
 
-def column_terms(plan: ConvolutionPlan) -> tuple[tuple[int, int, tuple[tuple[int, int, float], ...]], ...]:
-    """Per output column ``q`` with nonzero terms: ``(q, path, ((i, j, T[i, j, q]), ...))``,
-    columns in order (each path's columns are consecutive)."""
-    columns = []
-    for q in range(plan.dim_out):
-        i, j = np.nonzero(plan.table[:, :, q])
-        if len(i):
-            terms = tuple((int(a), int(b), float(plan.table[a, b, q])) for a, b in zip(i, j))
-            columns.append((q, plan.path_of_column[q], terms))
-    return tuple(columns)
-
-
-def used_inputs(columns) -> list[int]:
-    """The input columns ``i`` that terms of ``columns`` (:func:`column_terms`) read."""
-    return sorted({i for _, _, terms in columns for i, _, _ in terms})
-
-
-def used_harmonics(columns) -> list[int]:
-    """The spherical harmonic columns ``j`` that terms of ``columns`` read."""
-    return sorted({j for _, _, terms in columns for _, j, _ in terms})
-
-
 class KernelPartials:
     """The form's partials on one kernel family (see the module's docstring)."""
 
@@ -98,8 +76,6 @@ class KernelPartials:
         return type(other) is type(self) and (other.plan, other.config) == (self.plan, self.config)
 
     def __call__(self, which, out_dtype, args, senders, receivers, num_nodes):
-        from e3kernels.kernels.equivariant_convolution import _mosaic, _triton
-
         family = {"triton": _triton, "mosaic": _mosaic}[self.config.family]
         x, sh, weights, g = args
         plan, config = self.plan, self.config

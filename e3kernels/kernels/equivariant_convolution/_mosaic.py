@@ -38,6 +38,12 @@ from jax.experimental.pallas import tpu as pltpu
 from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles, in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab, row_sum
+from e3kernels.kernels.equivariant_convolution._columns import (
+    column_terms,
+    term_sum,
+    used_harmonics,
+    used_inputs,
+)
 from e3kernels.reference.equivariant_convolution import OUT
 
 ROW_BLOCK = 16
@@ -105,15 +111,7 @@ def _harmonic_columns(sh, rows, columns):
     """The harmonics the terms read, each an 8-edge column broadcast over the lanes."""
     shape = (SUBLANES, LANES)
     return {j: jnp.broadcast_to(sh[rows, pl.ds(j, 1)].astype(jnp.float32), shape)
-            for j in _kernels().used_harmonics(columns)}
-
-
-def _term_sum(terms, left, right):
-    total = None
-    for a, b, coef in terms:
-        value = left[a] * right[b] * jnp.float32(coef)
-        total = value if total is None else total + value
-    return total
+            for j in used_harmonics(columns)}
 
 
 # ---- node partials ---------------------------------------------------------------------------
@@ -149,8 +147,6 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
                  config: KernelConfig):
     """``which == OUT``: the convolution (``nodes`` = x, gathered at the senders, summed into
     the receivers); ``X``: its gradient in x (``nodes`` = g at the receivers, into the senders)."""
-    from e3kernels.kernels.equivariant_convolution import column_terms
-
     num_nodes, num_channels, in_size = nodes.shape
     out_size = plan.dim_out if which == OUT else plan.dim_in
     row_block = _row_block(config)
@@ -223,8 +219,8 @@ def _node_kernel(block_tiles_ref, tile_slots_hbm, nodes_hbm, sh_hbm, weights_hbm
             gathered = lambda column: node_buffer[rows, column, :].astype(jnp.float32)
             weight = lambda p: weight_buffer[rows, p, :].astype(jnp.float32)
             if which == OUT:
-                xs = {i: gathered(i) for i in _kernels().used_inputs(columns)}
-                totals = {q: _term_sum(terms, xs, sh) * weight(p) for q, p, terms in columns}
+                xs = {i: gathered(i) for i in used_inputs(columns)}
+                totals = {q: term_sum(terms, xs, sh) * weight(p) for q, p, terms in columns}
             else:
                 totals = {}
                 for q, p, terms in columns:
@@ -307,8 +303,6 @@ def _edge_call(kernel, plan, x, g, senders, receivers, in_specs, out_specs, out_
 def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dtype, *, config: KernelConfig):
     """``gw[e, p, c] = sum_{q in p} g[r_e, c, q] sum_ij T x[s_e, c, i] sh[e, j]``, written as
     ``(P, E, C_pad)`` (see :func:`_paths_first`)."""
-    from e3kernels.kernels.equivariant_convolution import column_terms
-
     num_edges = senders.shape[0]
     num_channels = x.shape[1]
     row_block = _row_block(config)
@@ -328,10 +322,10 @@ def _weights_kernel(ends_ref, x_hbm, g_hbm, sh_ref, out_ref, x_buffer, g_buffer,
     def slab(rows):
         sh = _harmonic_columns(sh_ref, rows, columns)
         valid = _slab_mask(mask, rows)
-        xs = {i: x_buffer[rows, i, :].astype(jnp.float32) for i in _kernels().used_inputs(columns)}
+        xs = {i: x_buffer[rows, i, :].astype(jnp.float32) for i in used_inputs(columns)}
         sums = {}
         for q, p, terms in columns:
-            value = _term_sum(terms, xs, sh) * g_buffer[rows, q, :].astype(jnp.float32)
+            value = term_sum(terms, xs, sh) * g_buffer[rows, q, :].astype(jnp.float32)
             sums[p] = value if p not in sums else sums[p] + value
         for p in range(num_paths):
             total = sums.get(p, jnp.zeros((SUBLANES, LANES), jnp.float32))
@@ -344,8 +338,6 @@ def _weights_kernel(ends_ref, x_hbm, g_hbm, sh_ref, out_ref, x_buffer, g_buffer,
 def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dtype, *, config: KernelConfig):
     """``gsh[e, j] = sum_c sum_iq T x[s_e, c, i] w[e, p(q), c] g[r_e, c, q]``: lanes summed in
     the kernel, channel blocks by XLA."""
-    from e3kernels.kernels.equivariant_convolution import column_terms
-
     num_edges = senders.shape[0]
     blocks = _padded(x.shape[1]) // LANES
     row_block = _row_block(config)
@@ -364,7 +356,7 @@ def _sh_kernel(ends_ref, x_hbm, g_hbm, weights_ref, out_ref, x_buffer, g_buffer,
                dim_sh, num_nodes, row_block):
     def slab(rows):
         valid = _slab_mask(mask, rows)
-        xs = {i: x_buffer[rows, i, :].astype(jnp.float32) for i in _kernels().used_inputs(columns)}
+        xs = {i: x_buffer[rows, i, :].astype(jnp.float32) for i in used_inputs(columns)}
         sums = {}
         for q, p, terms in columns:
             t = g_buffer[rows, q, :].astype(jnp.float32) * weights_ref[p, rows, :].astype(jnp.float32)
@@ -377,10 +369,3 @@ def _sh_kernel(ends_ref, x_hbm, g_hbm, weights_ref, out_ref, x_buffer, g_buffer,
 
     _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
     for_each_slab(row_block, slab)
-
-
-def _kernels():
-    """The op's kernel module (imported late: it imports this one)."""
-    from e3kernels.kernels import equivariant_convolution
-
-    return equivariant_convolution

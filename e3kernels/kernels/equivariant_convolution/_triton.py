@@ -25,6 +25,12 @@ from jax.experimental.pallas import triton as plgpu
 from e3kernels.grouping import cdiv, group_rows, in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig, row_sum
+from e3kernels.kernels.equivariant_convolution._columns import (
+    column_terms,
+    term_sum,
+    used_harmonics,
+    used_inputs,
+)
 from e3kernels.reference.equivariant_convolution import OUT
 
 EDGE_BLOCK = 16
@@ -71,18 +77,8 @@ class _EdgeTile:
 
 
 def _harmonics(tile: _EdgeTile, sh_ref, columns) -> dict:
-    used = _kernels().used_harmonics(columns)
+    used = used_harmonics(columns)
     return {j: tile.harmonic(sh_ref, j) for j in used}
-
-
-def _term_sum(terms, left, right, shape):
-    """``sum coef * left[a] * right[b]`` over ``(a, b, coef)``: ``left`` broadcast tiles."""
-    total = None
-    for a, b, coef in terms:
-        product = lax.mul(left[a], right[b]) if left[a].shape == right[b].shape else left[a] * right[b]
-        value = product * jnp.float32(coef)
-        total = value if total is None else total + value
-    return jnp.broadcast_to(total, shape)
 
 
 # ---- node partials: sums over a node's edges ---------------------------------------------
@@ -92,8 +88,6 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
                  config: KernelConfig):
     """``which == OUT``: the convolution (``nodes`` = x at the senders, summed into the
     receivers); ``X``: its gradient in x (``nodes`` = g at the receivers, into the senders)."""
-    from e3kernels.kernels.equivariant_convolution import column_terms
-
     num_nodes, num_channels = nodes.shape[:2]
     out_size = plan.dim_out if which == OUT else plan.dim_in
     grouping = group_rows(destinations, num_nodes)  # invalid destinations sort last, unvisited
@@ -138,7 +132,6 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
     channels = pl.program_id(1) * channel_block + jnp.arange(channel_block, dtype=jnp.int32)
     channel_ok = channels < num_channels
     start, end = bounds_ref[node], bounds_ref[node + 1]
-    shape = (EDGE_BLOCK, channel_block)
 
     def block_sums(outputs, columns):
         def block(k, sums):
@@ -161,10 +154,10 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
             # be NaN (zero-length padding edges), which a product with 0 would keep
             counted = lambda value: jnp.where(other_ok[:, None], value, 0.0)
             if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
-                used = _kernels().used_inputs(columns)
+                used = used_inputs(columns)
                 xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
                 for q, p, terms in columns:
-                    message = _term_sum(terms, xs, sh, shape) * path_weight(p)
+                    message = term_sum(terms, xs, sh) * path_weight(p)
                     sums[q] = sums[q] + row_sum(counted(message))
             else:  # gx[i] += sum_e sum_jq T sh[j] w[p(q)] g[q]
                 parts = {}
@@ -214,8 +207,6 @@ def _edge_tile(num_edges, num_channels, channel_block, num_nodes, senders_ref, r
 
 def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dtype, *, config: KernelConfig):
     """``gw[e, p, c] = sum_{q in p} g[r_e, c, q] sum_ij T x[s_e, c, i] sh[e, j]``."""
-    from e3kernels.kernels.equivariant_convolution import column_terms
-
     num_nodes, num_channels = x.shape[:2]
     num_edges = senders.shape[0]
     channel_block, grid = _edge_grid(num_edges, num_channels)
@@ -238,13 +229,13 @@ def _weights_kernel(senders_ref, receivers_ref, x_ref, sh_ref, g_ref, out_ref, *
     tile, senders, receivers, both = _edge_tile(num_edges, num_channels, channel_block, num_nodes,
                                                 senders_ref, receivers_ref)
     shape = (EDGE_BLOCK, channel_block)
-    used = _kernels().used_inputs(columns)
+    used = used_inputs(columns)
     xs = {i: tile.node_column(x_ref, senders, both, i) for i in used}
     sh = _harmonics(tile, sh_ref, columns)
     sums = {}
     last_column_of = {p: q for q, p, _ in columns}
     for q, p, terms in columns:
-        value = _term_sum(terms, xs, sh, shape) * tile.node_column(g_ref, receivers, both, q)
+        value = term_sum(terms, xs, sh) * tile.node_column(g_ref, receivers, both, q)
         sums[p] = value if p not in sums else sums[p] + value
         if last_column_of[p] == q:  # selected: a dropped edge's sh may be NaN
             _store_path(out_ref, tile, p, jnp.where(both[:, None], sums.pop(p), 0.0))
@@ -260,8 +251,6 @@ def _store_path(out_ref, tile: _EdgeTile, path: int, value):
 def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dtype, *, config: KernelConfig):
     """``gsh[e, j] = sum_c sum_iq T x[s_e, c, i] w[e, p(q), c] g[r_e, c, q]``: per channel
     block in the kernel, the blocks summed by XLA."""
-    from e3kernels.kernels.equivariant_convolution import column_terms
-
     num_nodes, num_channels = x.shape[:2]
     num_edges = senders.shape[0]
     channel_block, grid = _edge_grid(num_edges, num_channels)
@@ -284,7 +273,7 @@ def _sh_kernel(senders_ref, receivers_ref, x_ref, weights_ref, g_ref, out_ref, *
                num_edges, num_channels, channel_block):
     tile, senders, receivers, both = _edge_tile(num_edges, num_channels, channel_block, num_nodes,
                                                 senders_ref, receivers_ref)
-    used = _kernels().used_inputs(columns)
+    used = used_inputs(columns)
     xs = {i: tile.node_column(x_ref, senders, both, i) for i in used}
     sums = {}
     weight = {}
@@ -305,10 +294,3 @@ def _sh_kernel(senders_ref, receivers_ref, x_ref, weights_ref, g_ref, out_ref, *
     for j in range(dim_sh):  # selected: a dropped edge's weights may be NaN
         value = jnp.where(both, sums[j], 0.0) if j in sums else jnp.zeros((EDGE_BLOCK,), jnp.float32)
         plgpu.store(out_ref.at[tile.edges, block, jnp.int32(j)], value, mask=tile.edge_ok)
-
-
-def _kernels():
-    """The op's kernel module (imported late: it imports this one)."""
-    from e3kernels.kernels import equivariant_convolution
-
-    return equivariant_convolution
