@@ -17,6 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from e3kernels.grouping import cdiv
+
 FAMILIES = ("triton", "mosaic")
 #: a TPU vreg: 8 sublanes x 128 lanes of 32 bits
 SUBLANES, LANES = 8, 128
@@ -53,6 +55,17 @@ class KernelConfig:
 
     def triton_params(self) -> plgpu.CompilerParams:
         return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def power_of_two_block(size: int, widest: int) -> int:
+    """A Triton block of ``size`` elements (channels): the power of two at least ``size``,
+    as Triton's block shapes must be, at most ``widest``."""
+    return min(widest, 1 << (max(size, 1) - 1).bit_length())
+
+
+def lane_padded(num_channels: int) -> int:
+    """``num_channels`` rounded up to whole 128-lane blocks: a Mosaic kernel's channel axis."""
+    return cdiv(num_channels, LANES) * LANES
 
 
 def dot(a, b, precision: lax.Precision, contract_rows: bool = False, split_high: bool = False):

@@ -37,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles, in_range
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab, row_sum
+from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab, lane_padded, row_sum
 from e3kernels.kernels.equivariant_convolution._columns import (
     column_terms,
     term_sum,
@@ -58,13 +58,9 @@ def _row_block(config: KernelConfig) -> int:
     return config.tile_rows or ROW_BLOCK
 
 
-def _padded(num_channels: int) -> int:
-    return cdiv(num_channels, LANES) * LANES
-
-
 def _channels_padded(array: jax.Array) -> jax.Array:
     """The last (channel) axis padded to whole lane blocks (no copy when it is one already)."""
-    pad = _padded(array.shape[-1]) - array.shape[-1]
+    pad = lane_padded(array.shape[-1]) - array.shape[-1]
     return jnp.pad(array, ((0, 0),) * (array.ndim - 1) + ((0, pad),)) if pad else array
 
 
@@ -154,8 +150,8 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     kernel = functools.partial(_node_kernel, which=which, columns=column_terms(plan), row_block=row_block)
     sums = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_nodes, out_size, _padded(num_channels)), jnp.float32),
-        grid=(_padded(num_channels) // LANES, block_tiles.shape[0]),
+        out_shape=jax.ShapeDtypeStruct((num_nodes, out_size, lane_padded(num_channels)), jnp.float32),
+        grid=(lane_padded(num_channels) // LANES, block_tiles.shape[0]),
         in_specs=[
             pl.BlockSpec((None, 1, 2), lambda c, b: (b, 0, 0), memory_space=pltpu.SMEM),
             pl.BlockSpec(memory_space=pl.ANY),
@@ -281,7 +277,7 @@ def _edge_call(kernel, plan, x, g, senders, receivers, in_specs, out_specs, out_
         pl.pallas_call(
             functools.partial(kernel, num_nodes=num_nodes, row_block=row_block),
             out_shape=out_shape,
-            grid=(_padded(num_channels) // LANES, ends.shape[0]),
+            grid=(lane_padded(num_channels) // LANES, ends.shape[0]),
             in_specs=[
                 pl.BlockSpec((None, 2, row_block), lambda c, t: (t, 0, 0), memory_space=pltpu.SMEM),
                 pl.BlockSpec(memory_space=pl.ANY),
@@ -311,7 +307,7 @@ def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dty
         plan, x, g, senders, receivers,
         in_specs=[pl.BlockSpec((row_block, plan.dim_sh), lambda c, t: (t, 0))],
         out_specs=pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t: (0, t, c)),
-        out_shape=jax.ShapeDtypeStruct((plan.num_paths, num_edges, _padded(num_channels)), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((plan.num_paths, num_edges, lane_padded(num_channels)), out_dtype),
         name="convolution_weights_partial", config=config,
     )
     return jnp.transpose(call(sh)[:, :, :num_channels], (1, 0, 2))
@@ -339,7 +335,7 @@ def sh_partial(plan: ConvolutionPlan, x, weights, g, senders, receivers, out_dty
     """``gsh[e, j] = sum_c sum_iq T x[s_e, c, i] w[e, p(q), c] g[r_e, c, q]``: lanes summed in
     the kernel, channel blocks by XLA."""
     num_edges = senders.shape[0]
-    blocks = _padded(x.shape[1]) // LANES
+    blocks = lane_padded(x.shape[1]) // LANES
     row_block = _row_block(config)
     call = _edge_call(
         functools.partial(_sh_kernel, columns=column_terms(plan), dim_sh=plan.dim_sh),

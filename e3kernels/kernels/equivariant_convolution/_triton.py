@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from e3kernels.grouping import cdiv, group_rows, in_range
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import KernelConfig, row_sum
+from e3kernels.kernels._common import KernelConfig, power_of_two_block, row_sum
 from e3kernels.kernels.equivariant_convolution._columns import (
     column_terms,
     term_sum,
@@ -36,10 +36,6 @@ from e3kernels.reference.equivariant_convolution import OUT
 EDGE_BLOCK = 16
 CHANNEL_BLOCK = 32
 MAX_OPEN_SUMS = 8
-
-
-def _channel_block(num_channels: int) -> int:
-    return min(CHANNEL_BLOCK, 1 << (max(num_channels, 1) - 1).bit_length())
 
 
 def _f32(value):
@@ -91,7 +87,7 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     num_nodes, num_channels = nodes.shape[:2]
     out_size = plan.dim_out if which == OUT else plan.dim_in
     grouping = group_rows(destinations, num_nodes)  # invalid destinations sort last, unvisited
-    channel_block = _channel_block(num_channels)
+    channel_block = power_of_two_block(num_channels, CHANNEL_BLOCK)
     kernel = functools.partial(
         _node_kernel, which=which, passes=_node_passes(which, column_terms(plan), out_size),
         out_size=out_size, num_nodes=num_nodes,
@@ -191,7 +187,7 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
 
 
 def _edge_grid(num_edges: int, num_channels: int):
-    channel_block = _channel_block(num_channels)
+    channel_block = power_of_two_block(num_channels, CHANNEL_BLOCK)
     return channel_block, (cdiv(num_edges, EDGE_BLOCK), cdiv(num_channels, channel_block))
 
 

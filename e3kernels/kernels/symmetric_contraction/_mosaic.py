@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import RowTiles, cdiv, locate_tile
-from e3kernels.kernels._common import LANES, KernelConfig, row_sum
+from e3kernels.grouping import RowTiles, locate_tile
+from e3kernels.kernels._common import LANES, KernelConfig, lane_padded, row_sum
 from e3kernels.kernels.symmetric_contraction._term_loop import (
     run_terms,
     table_operands,
@@ -43,14 +43,10 @@ from e3kernels.symmetric_terms import SparsePolynomial, term_table
 ROW_BLOCK = 64  # default rows per tile: the grouping granularity of RowTiles
 
 
-def _padded_channels(num_channels: int) -> int:
-    return cdiv(num_channels, LANES) * LANES
-
-
 def _grid_spec(tiles: RowTiles, num_table: int, num_channels: int, in_specs, out_specs):
     return pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2 + num_table,
-        grid=(_padded_channels(num_channels) // LANES, tiles.group.shape[0]),
+        grid=(lane_padded(num_channels) // LANES, tiles.group.shape[0]),
         in_specs=in_specs,
         out_specs=out_specs,
     )
@@ -63,7 +59,7 @@ def polynomial(poly: SparsePolynomial, fill: float, out_dtypes, zs, coefs, tiles
     num_channels = zs[0].shape[1]
     num_groups = coefs.shape[0]
     table = term_table(poly)
-    padded = _padded_channels(num_channels)
+    padded = lane_padded(num_channels)
     planes = tiled_planes(zs, tiles, row_block, padded, jnp.float32)
     operands = table_operands(table)
 
@@ -109,7 +105,7 @@ def row_reduction(reduction: SparsePolynomial, num_groups: int, zs, tiles: RowTi
     row_block = config.tile_rows
     num_channels = zs[0].shape[1]
     table = term_table(reduction)
-    padded = _padded_channels(num_channels)
+    padded = lane_padded(num_channels)
     planes = tiled_planes(zs, tiles, row_block, padded, jnp.float32)
     operands = table_operands(table)
     in_specs = [

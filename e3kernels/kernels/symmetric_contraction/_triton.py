@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from e3kernels.grouping import RowTiles, cdiv, sum_by_group
-from e3kernels.kernels._common import KernelConfig, row_sum
+from e3kernels.kernels._common import KernelConfig, power_of_two_block, row_sum
 from e3kernels.kernels.symmetric_contraction._term_loop import (
     run_terms,
     table_operands,
@@ -40,10 +40,6 @@ ROW_BLOCK = 32  # default rows per tile: the grouping granularity of RowTiles
 CHANNEL_BLOCK = 32
 
 
-def _channel_block(num_channels: int) -> int:
-    return min(CHANNEL_BLOCK, 1 << (max(num_channels, 1) - 1).bit_length())
-
-
 def _launch(kernel, out_shape, grid, config: KernelConfig, name: str):
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=config.triton_params(),
                           interpret=config.pallas_interpret, name=name)
@@ -51,7 +47,7 @@ def _launch(kernel, out_shape, grid, config: KernelConfig, name: str):
 
 def _operands(poly: SparsePolynomial, zs, tiles: RowTiles, row_block: int):
     """``(channel block, padded channels, term table, its operands, tiled planes)``."""
-    block = _channel_block(zs[0].shape[1])
+    block = power_of_two_block(zs[0].shape[1], CHANNEL_BLOCK)
     padded = cdiv(zs[0].shape[1], block) * block
     table = term_table(poly)
     planes = tiled_planes(zs, tiles, row_block, padded, jnp.float32)
