@@ -91,6 +91,17 @@ def edge_in_range(senders, receivers, num_nodes: int) -> jax.Array:
     return in_range(senders, num_nodes) & in_range(receivers, num_nodes)
 
 
+def counted_edges(senders, receivers, num_nodes: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(counted, senders, receivers)``: :func:`edge_in_range`, and the ends as int32 with
+    both ends of every other edge set to ``num_nodes``, the node past the last. A gather
+    with ``mode="fill"`` reads that node as zero; sums into it and grouped schedules
+    (:func:`group_rows`, its extra group) leave it out. The reference and both kernel
+    families drop edges here, once, before any cast that could wrap an index into range."""
+    counted = edge_in_range(senders, receivers, num_nodes)
+    dropped = lambda index: jnp.where(counted, index, num_nodes).astype(jnp.int32)
+    return counted, dropped(senders), dropped(receivers)
+
+
 @functools.partial(jax.jit, static_argnums=1, inline=True)
 def group_rows(indices: jax.Array, num_groups: int) -> Grouping:
     """Sort rows by index; out-of-range indices go to the extra group ``num_groups``."""

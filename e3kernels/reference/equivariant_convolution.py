@@ -28,7 +28,7 @@ deterministic on CPU, run with float atomics on GPU), and per-edge
 outputs come out as the scan's stacked results. Per block, ``A[e, i, q] = sum_j T[i, j, q]
 sh[e, j]`` folds the spherical harmonics into the table, so each partial is a few small
 einsums. Edges whose sender or receiver lies outside ``[0, N)`` contribute nothing
-(:func:`e3kernels.grouping.edge_in_range`): exactly zero, whatever their harmonics,
+(:func:`e3kernels.grouping.counted_edges`): exactly zero, whatever their harmonics,
 weights or end nodes hold.
 """
 
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e3kernels.grouping import edge_in_range, in_range
+from e3kernels.grouping import counted_edges
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.spec import accumulation_dtype
 
@@ -157,11 +157,10 @@ class ReferencePartials:
             a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
             return a.reshape((num_blocks, block) + a.shape[1:])
 
-        def valid(index):  # out of range: the node `num_nodes`, gathered as 0, dropped by sums
-            return jnp.where(in_range(index, num_nodes), index, num_nodes).astype(jnp.int32)
-
-        edges = {"s": blocked(valid(senders), num_nodes), "r": blocked(valid(receivers), num_nodes),
-                 "ok": blocked(edge_in_range(senders, receivers, num_nodes), False)}
+        # a dropped edge's ends are the node `num_nodes`: gathered as 0, left out of sums
+        counted, senders, receivers = counted_edges(senders, receivers, num_nodes)
+        edges = {"s": blocked(senders, num_nodes), "r": blocked(receivers, num_nodes),
+                 "ok": blocked(counted, False)}
         if sh is not None:
             edges["sh"] = blocked(sh, 0)
         if weights is not None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+from e3kernels.grouping import counted_edges
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig
 from e3kernels.kernels.equivariant_convolution import _mosaic, _triton
@@ -81,7 +82,9 @@ class KernelPartials:
         plan, config = self.plan, self.config
         if has_no_work(args, senders, num_nodes):
             return jnp.zeros(partial_shape(plan, which, args, senders.shape[0], num_nodes), out_dtype)
-        senders, receivers = senders.astype(jnp.int32), receivers.astype(jnp.int32)
+        # the one edge rule, in XLA: node partials then never visit a dropped edge, and edge
+        # partials test its ends in the kernel (edge_in_range) to skip it
+        _, senders, receivers = counted_edges(senders, receivers, num_nodes)
         if which == OUT:
             return family.node_partial(plan, OUT, x, sh, weights, senders, receivers, out_dtype,
                                        config=config)

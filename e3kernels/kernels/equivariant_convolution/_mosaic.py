@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles, in_range
+from e3kernels.grouping import cdiv, edge_in_range, grouped_row_tiles
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import LANES, SUBLANES, KernelConfig, for_each_slab, lane_padded, row_sum
 from e3kernels.kernels.equivariant_convolution._columns import (
@@ -120,12 +120,11 @@ def _node_schedule(sources, destinations, num_nodes, row_block):
     block of ``NODE_BLOCK`` nodes (a node's tiles are consecutive), and ``tile_slots``,
     ``(tiles, 2 + 2 * row_block)`` int32: per tile its node (within its block), its edge
     count and, per slot, the edge and the node at its other end (0 for an empty slot, whose
-    DMAs are skipped). Edges with an end out of range join the dropped group ``N``, whose
-    tiles no block visits.
+    DMAs are skipped). Dropped edges (destination ``N``, see ``counted_edges``) form the
+    extra group ``N``, whose tiles no block visits.
     """
     num_edges = sources.shape[0]
-    kept = jnp.where(in_range(sources, num_nodes), destinations, num_nodes)
-    tiles = grouped_row_tiles(kept, num_nodes, row_block)
+    tiles = grouped_row_tiles(destinations, num_nodes, row_block)
     edge = tiles.rows_of_slots(row_block).reshape(-1, row_block)
     has_edge = edge < num_edges
     edge = jnp.where(has_edge, edge, 0)

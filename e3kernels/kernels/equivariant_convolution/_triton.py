@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from e3kernels.grouping import cdiv, group_rows, in_range
+from e3kernels.grouping import cdiv, edge_in_range, group_rows
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.kernels._common import KernelConfig, power_of_two_block, row_sum
 from e3kernels.kernels.equivariant_convolution._columns import (
@@ -45,16 +45,14 @@ def _f32(value):
 class _EdgeTile:
     """One block of edges and channels: masked gathers of their data."""
 
-    def __init__(self, edges, edge_ok, channels, channel_ok, num_nodes):
+    def __init__(self, edges, edge_ok, channels, channel_ok):
         self.edges, self.channels = edges, channels
         self.edge_ok, self.channel_ok = edge_ok, channel_ok
-        self.num_nodes = num_nodes
         self.mask = edge_ok[:, None] & channel_ok[None, :]
 
     def node_index(self, index_ref):
-        """The edges' node indices, and where they are valid (in range)."""
-        index = plgpu.load(index_ref.at[self.edges], mask=self.edge_ok, other=0)
-        return index, self.edge_ok & in_range(index, self.num_nodes)
+        """The edges' node indices (``num_nodes`` for a dropped edge, see ``counted_edges``)."""
+        return plgpu.load(index_ref.at[self.edges], mask=self.edge_ok, other=0)
 
     def node_column(self, ref, nodes, node_ok, column: int):
         """``ref[nodes, channels, column]``; 0 for invalid edges."""
@@ -86,12 +84,11 @@ def node_partial(plan: ConvolutionPlan, which: int, nodes, sh, weights, sources,
     receivers); ``X``: its gradient in x (``nodes`` = g at the receivers, into the senders)."""
     num_nodes, num_channels = nodes.shape[:2]
     out_size = plan.dim_out if which == OUT else plan.dim_in
-    grouping = group_rows(destinations, num_nodes)  # invalid destinations sort last, unvisited
+    grouping = group_rows(destinations, num_nodes)  # dropped edges sort last, unvisited
     channel_block = power_of_two_block(num_channels, CHANNEL_BLOCK)
     kernel = functools.partial(
         _node_kernel, which=which, passes=_node_passes(which, column_terms(plan), out_size),
-        out_size=out_size, num_nodes=num_nodes,
-        num_channels=num_channels, channel_block=channel_block,
+        out_size=out_size, num_channels=num_channels, channel_block=channel_block,
     )
     return pl.pallas_call(
         kernel,
@@ -123,7 +120,7 @@ def _node_passes(which: int, columns, out_size: int):
 
 
 def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_ref, out_ref, *, which,
-                 passes, out_size, num_nodes, num_channels, channel_block):
+                 passes, out_size, num_channels, channel_block):
     node = pl.program_id(0)
     channels = pl.program_id(1) * channel_block + jnp.arange(channel_block, dtype=jnp.int32)
     channel_ok = channels < num_channels
@@ -134,8 +131,8 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
             position = start + k * EDGE_BLOCK + jnp.arange(EDGE_BLOCK, dtype=jnp.int32)
             in_block = position < end
             edges = plgpu.load(order_ref.at[position], mask=in_block, other=0)
-            tile = _EdgeTile(edges, in_block, channels, channel_ok, num_nodes)
-            other, other_ok = tile.node_index(sources_ref)
+            tile = _EdgeTile(edges, in_block, channels, channel_ok)
+            other = tile.node_index(sources_ref)  # in range: the schedule holds no dropped edge
             sh = _harmonics(tile, sh_ref, columns)
             sums = dict(zip(outputs, sums))
             weight = {}
@@ -146,24 +143,21 @@ def _node_kernel(bounds_ref, order_ref, sources_ref, nodes_ref, sh_ref, weights_
                     weight[p] = tile.weight(weights_ref, p)
                 return weight[p]
 
-            # an edge from out of range adds exactly 0: selected, as its sh and weights may
-            # be NaN (zero-length padding edges), which a product with 0 would keep
-            counted = lambda value: jnp.where(other_ok[:, None], value, 0.0)
             if which == OUT:  # out[q] += sum_e w[p(q)] * sum_ij T x[i] sh[j]
                 used = used_inputs(columns)
-                xs = {i: tile.node_column(nodes_ref, other, other_ok, i) for i in used}
+                xs = {i: tile.node_column(nodes_ref, other, in_block, i) for i in used}
                 for q, p, terms in columns:
                     message = term_sum(terms, xs, sh) * path_weight(p)
-                    sums[q] = sums[q] + row_sum(counted(message))
+                    sums[q] = sums[q] + row_sum(message)
             else:  # gx[i] += sum_e sum_jq T sh[j] w[p(q)] g[q]
                 parts = {}
                 for q, p, terms in columns:
-                    t = tile.node_column(nodes_ref, other, other_ok, q) * path_weight(p)
+                    t = tile.node_column(nodes_ref, other, in_block, q) * path_weight(p)
                     for i, j, coef in terms:
                         value = t * (sh[j] * jnp.float32(coef))
                         parts[i] = value if i not in parts else parts[i] + value
                 for i, part in parts.items():
-                    sums[i] = sums[i] + row_sum(counted(part))
+                    sums[i] = sums[i] + row_sum(part)
             return tuple(sums[o] for o in outputs)
 
         zero = jnp.zeros((channel_block,), jnp.float32)
@@ -194,11 +188,10 @@ def _edge_grid(num_edges: int, num_channels: int):
 def _edge_tile(num_edges, num_channels, channel_block, num_nodes, senders_ref, receivers_ref):
     edges = pl.program_id(0) * EDGE_BLOCK + jnp.arange(EDGE_BLOCK, dtype=jnp.int32)
     channels = pl.program_id(1) * channel_block + jnp.arange(channel_block, dtype=jnp.int32)
-    tile = _EdgeTile(edges, edges < num_edges, channels, channels < num_channels, num_nodes)
-    senders, senders_ok = tile.node_index(senders_ref)
-    receivers, receivers_ok = tile.node_index(receivers_ref)
-    both = senders_ok & receivers_ok  # an edge with one end out of range contributes nothing
-    return tile, senders, receivers, both
+    tile = _EdgeTile(edges, edges < num_edges, channels, channels < num_channels)
+    senders, receivers = tile.node_index(senders_ref), tile.node_index(receivers_ref)
+    counted = tile.edge_ok & edge_in_range(senders, receivers, num_nodes)  # a dropped edge adds nothing
+    return tile, senders, receivers, counted
 
 
 def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dtype, *, config: KernelConfig):
