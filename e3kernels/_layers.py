@@ -359,6 +359,20 @@ def check_radial_options(radial_neurons) -> tuple[int, ...]:
     return neurons
 
 
+def channels_of(irreps: e3nn.Irreps, argument: str) -> int:
+    """``C``, the one nonzero multiplicity of every irrep of ``irreps``: the convolution's
+    channels. One check and message for the node features, wherever a module first sees
+    them (NNX: ``irreps_in`` at construction; Haiku and linen: ``node_feats`` at the call)."""
+    muls = {mul for mul, _ in irreps}
+    if len(muls) != 1 or 0 in muls:
+        raise ValueError(
+            f"{MODULE_CONV}: {argument} must have the same nonzero multiplicity (channels) for every "
+            f"irrep, as '128x0e + 128x1o'; got {irreps}"
+        )
+    (channels,) = muls
+    return channels
+
+
 def convolution_inputs(node_feats, edge_sh) -> tuple[jax.Array, e3nn.Irreps, int]:
     """``node_feats`` ``(N, C x irreps)`` as ``(N, C, irreps)``, its irreps per channel, ``C``."""
     for argument, value in (("node_feats", node_feats), ("edge_sh", edge_sh)):
@@ -368,13 +382,7 @@ def convolution_inputs(node_feats, edge_sh) -> tuple[jax.Array, e3nn.Irreps, int
                 f"{MODULE_CONV}: {argument} must be an e3nn.IrrepsArray of shape {shape}; "
                 f"got {type(value).__name__} of shape {getattr(value, 'shape', None)}"
             )
-    muls = {mul for mul, _ in node_feats.irreps}
-    if len(muls) != 1 or 0 in muls:
-        raise ValueError(
-            f"{MODULE_CONV}: node_feats must have the same nonzero multiplicity (channels) for every "
-            f"irrep, as '128x0e + 128x1o'; got {node_feats.irreps}"
-        )
-    (channels,) = muls
+    channels = channels_of(node_feats.irreps, "node_feats")
     x = node_feats.mul_to_axis(channels)
     return x.array, x.irreps, channels
 

@@ -524,7 +524,7 @@ class MessagePassingConvolution(nnx.Module):
     others). ``self.irreps_out`` is the output's irreps, for the modules that follow.
 
     Args:
-      irreps_in: the node features' irreps, the same multiplicity (channels) for each
+      irreps_in: the node features' irreps, the same nonzero multiplicity (channels) for each
         irrep, e.g. ``"128x0e + 128x1o"``.
       irreps_sh: the edge spherical harmonics' irreps, e.g. ``"0e + 1o + 2e + 3o"``.
       target_irreps: the irreps the messages keep (multiplicities are ignored).
@@ -581,13 +581,7 @@ class MessagePassingConvolution(nnx.Module):
         basis = num_radial_basis
         if not isinstance(basis, int) or isinstance(basis, bool) or basis < 1:
             raise ValueError(f"{name}: num_radial_basis must be a positive int; got {num_radial_basis!r}")
-        muls = {mul for mul, _ in self.irreps_in}
-        if len(muls) != 1 or 0 in muls:
-            raise ValueError(
-                f"{name}: irreps_in must have the same multiplicity (channels) for every irrep, "
-                f"as '128x0e + 128x1o'; got {self.irreps_in}"
-            )
-        (self.num_channels,) = muls
+        self.num_channels = _layers.channels_of(self.irreps_in, "irreps_in")
         self.num_radial_basis = num_radial_basis
         self.activation = activation
         self.dtype = dtype
