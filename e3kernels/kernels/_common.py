@@ -57,6 +57,22 @@ class KernelConfig:
         return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+#: each family with its default launch, for real hardware and in interpret mode (tests
+#: run the TPU kernels on CPU with ``MOSAIC_INTERPRET``)
+TRITON = KernelConfig("triton")
+TRITON_INTERPRET = KernelConfig("triton", interpret=True)
+MOSAIC = KernelConfig("mosaic")
+MOSAIC_INTERPRET = KernelConfig("mosaic", interpret=True)
+
+
+def why_not_dtype(dtype) -> str | None:
+    """Why no kernel runs inputs of ``dtype``, or ``None``: every kernel accumulates in
+    float32, so float64 runs on the reference."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return "float64 inputs run on the reference (the kernels accumulate in float32)"
+    return None
+
+
 def power_of_two_block(size: int, widest: int) -> int:
     """A Triton block of ``size`` elements (channels): the power of two at least ``size``,
     as Triton's block shapes must be, at most ``widest``."""

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from e3kernels.grouping import counted_edges
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels._common import MOSAIC, TRITON, TRITON_INTERPRET, KernelConfig, why_not_dtype
+from e3kernels.kernels._common import MOSAIC_INTERPRET as MOSAIC_INTERPRET  # the TPU kernels on CPU
 from e3kernels.kernels.equivariant_convolution import _mosaic, _triton
 from e3kernels.reference.equivariant_convolution import (
     OUT,
@@ -40,17 +41,12 @@ from e3kernels.reference.equivariant_convolution import (
     partial_shape,
 )
 
-TRITON = KernelConfig("triton")
-TRITON_INTERPRET = KernelConfig("triton", interpret=True)
-MOSAIC = KernelConfig("mosaic")
-MOSAIC_INTERPRET = KernelConfig("mosaic", interpret=True)
-
 
 def implementations(plan: ConvolutionPlan, avg_num_neighbors: float, dtype) -> dict[str, Callable] | str:
     """``{"gpu", "tpu", "interpret"}`` implementations ``f(x, sh, weights, senders,
     receivers)``, or why there are none."""
-    if jnp.dtype(dtype) == jnp.float64:
-        return "float64 inputs run on the reference (the kernels accumulate in float32)"
+    if (reason := why_not_dtype(dtype)) is not None:
+        return reason
     return {
         name: functools.partial(equivariant_convolution, plan=plan, avg_num_neighbors=avg_num_neighbors,
                                 config=config)

@@ -77,7 +77,7 @@ from jax import lax
 from e3kernels import grouped_linear
 from e3kernels.grouping import Grouping, sum_by_group
 from e3kernels.irreps import LinearPlan
-from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels._common import KernelConfig, why_not_dtype
 from e3kernels.kernels.indexed_linear import _mosaic, _triton
 
 #: the kernel family of each platform
@@ -93,8 +93,8 @@ def implementations(plan: LinearPlan, precision: lax.Precision, dtype) -> dict[s
     ``indexed_linear(..., platform="tpu", interpret=True)``. Every plan is handled (empty
     blocks, zero multiplicities and bias-only plans included).
     """
-    if jnp.dtype(dtype) == jnp.float64:
-        return "float64 inputs run on the reference (the kernels accumulate in float32)"
+    if (reason := why_not_dtype(dtype)) is not None:
+        return reason
     options = dict(plan=plan, precision=precision)
     return {
         "gpu": functools.partial(indexed_linear, platform="gpu", **options),

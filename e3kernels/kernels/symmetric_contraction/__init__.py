@@ -45,7 +45,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from e3kernels.irreps import SymmetricPlan
-from e3kernels.kernels._common import KernelConfig
+from e3kernels.kernels._common import MOSAIC, TRITON, TRITON_INTERPRET, KernelConfig, why_not_dtype
+from e3kernels.kernels._common import MOSAIC_INTERPRET as MOSAIC_INTERPRET  # the TPU kernels on CPU
 from e3kernels.reference.symmetric_contraction import contract
 from e3kernels.symmetric_terms import symmetric_terms
 
@@ -53,11 +54,6 @@ MAX_ORDER = 4
 #: beyond this, a term table column outgrows the SMEM budget the TPU index-memory test
 #: holds every kernel to, and a weight set's coefficient rows a 2 MiB VMEM block
 MAX_TERMS = 4096
-
-TRITON = KernelConfig("triton")
-TRITON_INTERPRET = KernelConfig("triton", interpret=True)
-MOSAIC = KernelConfig("mosaic")
-MOSAIC_INTERPRET = KernelConfig("mosaic", interpret=True)
 
 
 def why_unsupported(plan: SymmetricPlan) -> str | None:
@@ -76,8 +72,8 @@ def implementations(plan: SymmetricPlan, dtype) -> dict[str, Callable] | str:
 
     Tests reach the TPU kernels on CPU with ``symmetric_contraction(..., config=MOSAIC_INTERPRET)``.
     """
-    if jnp.dtype(dtype) == jnp.float64:
-        return "float64 inputs run on the reference (the kernels accumulate in float32)"
+    if (reason := why_not_dtype(dtype)) is not None:
+        return reason
     reason = why_unsupported(plan)
     if reason is not None:
         return reason
