@@ -11,6 +11,11 @@ group ``S``, sorted last; kernels write them as NaN (forward) or zero (backward)
 The number of tiles is static, ``cdiv(N, tile_rows) + S``: a sum of ``S + 1`` ceilings
 exceeds the ceiling of the sum by at most ``S``. Tiles past the last used one are empty
 (``start == end == N``) and belong to group ``S``.
+
+Which rows and edges count is decided here once for every implementation: a row by
+:func:`in_range`, an edge of the convolution by :func:`edge_in_range` (both ends), and
+:func:`counted_edges` gives a dropped edge's ends the node past the last, so that the
+convolution's node partials, which sort edges by the node they sum into, leave it out.
 """
 
 from __future__ import annotations
