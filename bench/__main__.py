@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from bench import report
+from bench import breakdown, report
 from bench.timing import Measured, compile_one, printer, run_interleaved
 from bench.workloads import DATA_PARALLEL, ROWS, WORKLOADS
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         title, build = workloads[name]
         rows = args.rows or sizes[name]
         progress(f"[{index}/{len(names)}] {title}, N={rows}: building candidates")
-        jobs, measured = [], []
+        jobs, measured, profiled = [], [], []
         for candidate in build(rows, platform):
             for mode, fn in candidate.modes():
                 m = Measured(candidate.name, mode)
@@ -99,9 +99,14 @@ def main(argv=None) -> int:
                     progress(f"    failed: {m.error}")
                 else:
                     jobs.append((m, compiled, candidate.args))
+                    if candidate.breakdown:
+                        profiled.append(jobs[-1])
                 measured.append(m)
         progress(f"  timing {len(jobs)} functions, {repeats} interleaved rounds")
         run_interleaved(jobs, repeats, args.min_seconds, progress)
+        for m, compiled, call_args in profiled:  # after the timings, which the profiler would slow
+            progress(f"  profiling {m.candidate} {m.mode}: where the time goes")
+            m.breakdown = breakdown.breakdown(compiled, call_args)
         result = {"workload": name, "title": title, "rows": rows, "measured": measured,
                   "baseline": "1 device" if name == "data_parallel" else report.BASELINE}
         print(report.table(result), flush=True)

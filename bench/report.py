@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench import breakdown
+
 BASELINE = "e3nn-jax"
 #: for single ops: the output, a loss's gradients, and a force-style loss's gradients (a
 #: function of the first gradient w.r.t. the input); the model workloads' fwd is energy and
@@ -64,6 +66,10 @@ def table(result) -> str:
             if m is not None:
                 cells = [name, mode, _ms(m), _ratio(ratios[name][mode]), _mb(m), _seconds(m)]
                 lines.append("| " + " | ".join(cells) + " |")
+    profiled = {(m.candidate, m.mode): m.breakdown for m in result["measured"] if m.breakdown}
+    if profiled:
+        lines += ["", "Where the time goes (XLA's per-instruction accounting, busy ms per run and share; "
+                  "see bench/breakdown.py):", "", breakdown.table(profiled)]
     errors = [f"- {m.candidate} {m.mode}: {m.error}" for m in result["measured"] if m.error]
     if errors:
         lines += ["", "Failures:"] + errors
@@ -81,7 +87,9 @@ def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
+    with_breakdown = any(m.breakdown for r in results for m in r["measured"])
+    fig, axes = plt.subplots(2 + with_breakdown, len(results),
+                             figsize=(5.5 * len(results), 8 + 4 * with_breakdown), squeeze=False)
     for column, result in enumerate(results):
         by_name = _by_candidate(result["measured"])
         ratios = speedups(result)
@@ -109,6 +117,8 @@ def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | Non
         top.set_title(f"{result['workload']} (N={result['rows']})", fontsize=9)
         top.set_ylabel(f"speed-up vs {result.get('baseline', BASELINE)} (median)")
         bottom.set_ylabel("trace + compile, s")
+        if with_breakdown:
+            _breakdown_chart(axes[2][column], result)
     platform, kind = machine["device"].split(": ", 1)
     device = f"{machine['cpus']}-core CPU ({machine['processor']})" if platform == "cpu" else kind
     size = "QUICK RUN (small sizes, 3 rounds)" if quick else "default sizes"
@@ -118,3 +128,23 @@ def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _breakdown_chart(ax, result) -> None:
+    """Stacked bars: each profiled candidate and mode's busy ms per run, by part."""
+    profiled = [m for m in result["measured"] if m.breakdown]
+    if not profiled:
+        ax.axis("off")
+        return
+    labels = [f"{m.candidate}\n{m.mode}" for m in profiled]
+    left = [0.0] * len(profiled)
+    for part in breakdown.MACE_PARTS:
+        widths = [1e3 * m.breakdown.get(part, 0.0) for m in profiled]
+        ax.barh(labels, widths, left=left, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.0f}", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("busy ms per run, by part (bench/breakdown.py)")
+    ax.legend(fontsize=6, loc="lower right")

@@ -23,6 +23,7 @@ class Measured:
     temp_bytes: int | None = None
     compile_seconds: float | None = None  # trace, lower and compile
     error: str | None = None
+    breakdown: dict[str, float] | None = None  # seconds per run by part (bench.breakdown)
 
     def as_dict(self) -> dict[str, Any]:
         stats = self.stats.as_dict() if self.stats.rounds else None
@@ -33,6 +34,7 @@ class Measured:
             "temp_bytes": self.temp_bytes,
             "compile_seconds": self.compile_seconds,
             "error": self.error,
+            "breakdown": self.breakdown,
         }
 
 

@@ -36,6 +36,7 @@ class Candidate:
     fwd_bwd: Callable
     args: tuple
     second: Callable | None = None  # "2nd order"; the model workloads' fwd_bwd is already one
+    breakdown: bool = False  # profile where its time goes (bench.breakdown: MACE's parts)
 
     def modes(self) -> list[tuple[str, Callable]]:
         modes = [("fwd", self.fwd), ("fwd+bwd", self.fwd_bwd)]
@@ -325,7 +326,7 @@ def _mace_training(name: str, modules: mace.Modules, graph: tuple, avg_num_neigh
         energy, forces = energy_forces(params, *args)
         return 0.3 * energy / rows + jnp.sum(args[-1] * forces) / rows
 
-    return Candidate(name, energy_forces, jax.grad(loss), (params, *graph, force_projection))
+    return Candidate(name, energy_forces, jax.grad(loss), (params, *graph, force_projection), breakdown=True)
 
 
 def mace_model(rows: int, platform: str) -> list[Candidate]:

@@ -1,0 +1,158 @@
+"""Where a compiled program's time goes, by XLA's own accounting.
+
+A profiler trace of the compiled program records one event per executed HLO instruction
+(on CPU, each thunk of XLA's runtime, on the worker thread that ran it; on GPU, the
+device's "XLA Ops" line). Each instruction's ``op_name`` metadata is the JAX name stack
+of the operation it came from: ``jit(f)/transpose(jvp(mace))/message_passing_convolution/...``,
+with Haiku modules and ``jax.named_scope`` blocks as its path segments, kept through
+differentiation. Summing the events of each instruction and classifying its name stack
+gives each part of a model its share.
+
+What it counts, and what it does not:
+
+* the time of leaf instructions (a ``while``, ``conditional`` or ``call`` event spans its
+  body's events, which are counted instead), summed over threads: where XLA runs two
+  instructions at once, both count, so shares are of busy time, not of the wall clock;
+* a fusion counts in full for one part: that of the contraction it contains, if any, else
+  that of its root instruction (XLA fuses across parts only at their boundaries, mostly
+  elementwise work);
+* instructions without a name stack (copies XLA inserts for layouts) count as "rest".
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+
+import jax
+
+#: the parts of a MACE step, in the order of the tables and charts
+MACE_PARTS = (
+    "spherical harmonics + radial embedding",
+    "radial network",
+    "convolution",
+    "Linears",
+    "symmetric contraction",
+    "rest",
+)
+
+# Names in e3kernels.models.mace: the edge embedding's named scope and the Haiku module
+# names of its Linears (e3kernels' and e3nn-jax's modules are named alike)
+_LINEARS = {"embedding", "skip", "linear_up", "linear_down", "species_mix", "linear_product", "readout"}
+_CONTROL_FLOW = {"while", "conditional", "call"}
+_CONTRACTIONS = {"dot", "convolution"}
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLEES = re.compile(r"(?:body|condition|calls|to_apply)=(%?[\w.\-]+)|branch_computations=\{([^}]*)\}")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\s([a-z][\w\-]*)\(")
+
+
+def mace_part(name_stack: str) -> str:
+    """The part of :class:`e3kernels.models.mace.MACE` an instruction with JAX name stack
+    ``name_stack`` belongs to (one of :data:`MACE_PARTS`)."""
+    segments = set(re.findall(r"[\w.\-]+", name_stack))  # "vmap(symmetric_tensor_product)" too
+    if "edge_embedding" in segments:
+        return "spherical harmonics + radial embedding"
+    if "message_passing_convolution" in segments:
+        return "radial network" if "multi_layer_perceptron" in segments else "convolution"
+    if "symmetric_tensor_product" in segments:
+        return "symmetric contraction"
+    if segments & _LINEARS:
+        return "Linears"
+    return "rest"
+
+
+def instructions(compiled) -> dict[str, tuple[str, str]]:
+    """Every HLO instruction of ``compiled`` (a ``jax.stages.Compiled``): name ->
+    (opcode, JAX name stack). A fusion that contains a contraction (``dot``,
+    ``convolution``) takes the contraction's, its cost (its own is its root's, often an
+    elementwise consumer). An instruction without one (a loop counter's copy, a layout
+    copy) takes that of the instruction that calls its computation (the loop), or "" at
+    the top level."""
+    opcode, stack, computation_of, caller, callees, contraction = {}, {}, {}, {}, {}, {}
+    computation = None
+    for line in compiled.as_text().splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name = match.group(1)
+        opcode[name], computation_of[name] = match.group(2), computation
+        found = re.search(r'op_name="([^"]*)"', line)
+        stack[name] = found.group(1) if found else ""
+        if opcode[name] in _CONTRACTIONS and stack[name]:
+            contraction.setdefault(computation, stack[name])
+        for groups in _CALLEES.findall(line):
+            for callee in re.findall(r"[\w.\-]+", " ".join(groups)):
+                caller.setdefault(callee, name)
+                callees.setdefault(name, []).append(callee)
+
+    def resolved(name: str, depth: int = 0) -> str:
+        if opcode[name] == "fusion":  # a fused contraction is what the fusion costs
+            found = [contraction[c] for c in callees.get(name, ()) if c in contraction]
+            if found:
+                return found[0]
+        parent = caller.get(computation_of[name])
+        if stack[name] or parent is None or depth > 64:
+            return stack[name]
+        return resolved(parent, depth + 1)
+
+    return {name: (opcode[name], resolved(name)) for name in opcode}
+
+
+def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]:
+    """Seconds per run spent in each leaf HLO instruction of ``compiled(*args)``, from a
+    profiler trace of ``runs`` runs (after one untraced run)."""
+    from jax.profiler import ProfileData
+
+    known = instructions(compiled)
+    jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        try:
+            for _ in range(runs):
+                jax.block_until_ready(compiled(*args))
+        finally:
+            jax.profiler.stop_trace()
+        traces = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
+        if len(traces) != 1:
+            raise RuntimeError(f"breakdown: expected one profiler trace in {folder}; found {traces}")
+        profile = ProfileData.from_file(traces[0])
+    lines = [line for plane in profile.planes for line in plane.lines]
+    device_lines = [line for line in lines if line.name == "XLA Ops"]
+    nanoseconds: collections.Counter = collections.Counter()
+    for line in device_lines or lines:
+        for event in line.events:
+            opcode = known.get(event.name, (None,))[0]
+            if opcode is not None and opcode not in _CONTROL_FLOW:
+                nanoseconds[event.name] += event.duration_ns
+    if not nanoseconds:
+        raise RuntimeError("breakdown: the profiler trace names none of the program's instructions")
+    return {name: ns / runs / 1e9 for name, ns in nanoseconds.items()}
+
+
+def breakdown(compiled, args: Sequence, part: Callable[[str], str] = mace_part,
+              parts: Sequence[str] = MACE_PARTS, runs: int = 5) -> dict[str, float]:
+    """Seconds per run of ``compiled(*args)`` in each of ``parts``, each instruction
+    assigned by ``part(name_stack)``."""
+    known = instructions(compiled)
+    seconds = dict.fromkeys(parts, 0.0)
+    for name, value in instruction_seconds(compiled, args, runs).items():
+        seconds[part(known[name][1])] += value
+    return seconds
+
+
+def table(rows: dict[tuple[str, str], dict[str, float]], parts: Sequence[str] = MACE_PARTS) -> str:
+    """A Markdown table: per (candidate, mode), ms per run and share of each part."""
+    header = "| candidate | mode | " + " | ".join(parts) + " | busy ms |"
+    lines = [header, "|" + "---|" * (len(parts) + 3)]
+    for (candidate, mode), seconds in rows.items():
+        total = sum(seconds.values())
+        cells = [f"{1e3 * seconds[p]:.1f} ({100 * seconds[p] / total:.0f}%)" for p in parts]
+        lines.append(f"| {candidate} | {mode} | " + " | ".join(cells) + f" | {1e3 * total:.1f} |")
+    return "\n".join(lines)
