@@ -28,8 +28,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# peers: e3j, beside cuequivariance-jax in the convolution workload (bench/peers.py)
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[test,lint,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[test,lint,bench,peers]"
 	touch $(BENCH_STAMP)
 
 # BENCH_ARGS=--quick for small sizes; see `python -m bench --help`
@@ -63,7 +64,7 @@ COMPILE_STAMP := $(COMPILE_VENV)/.installed
 $(COMPILE_STAMP): pyproject.toml
 	test -x $(COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(COMPILE_VENV)
 	$(COMPILE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(COMPILE_VENV)/bin/python -m pip install --quiet -e ".[compile-check]"
+	$(COMPILE_VENV)/bin/python -m pip install --quiet -e ".[compile-check,peers]"  # peers: e3j's Mosaic kernel
 	touch $(COMPILE_STAMP)
 
 # COMPILE_ARGS="--targets H100 --entries indexed_linear" for a subset

@@ -55,6 +55,7 @@ from jax.experimental.pallas import triton as plgpu  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from bench import peers  # noqa: E402
 from bench.workloads import CHANNELS, KEEP, LINEAR_IRREPS, NODE_IRREPS, ORDERS, SPECIES  # noqa: E402
 from e3kernels import ops  # noqa: E402
 
@@ -69,6 +70,8 @@ MILLION = 1_000_000
 KERNEL_NAMES = ("indexed_linear_gpu", "indexed_linear_weight_grad_gpu", "sparse_polynomial",
                 "sparse_row_reduction", "indexed_linear_tpu", "indexed_linear_weight_grad_tpu",
                 "convolution_node_partial", "convolution_weights_partial", "convolution_sh_partial")
+#: and e3j's Mosaic convolution, compiled beside ours for the TPU targets (bench/peers.py)
+KERNEL_NAMES += peers.E3J_TPU_KERNEL_NAMES
 
 
 @dataclasses.dataclass
@@ -485,7 +488,8 @@ def main(argv=None) -> int:
         if target in TPU_TOPOLOGIES:
             device = topologies.get_topology_desc(TPU_TOPOLOGIES[target], "tpu").devices[0]
             control = control_rejected("tpu", device)
-            kernels = tpu_target(target, device, entries, progress)
+            peer_entries = peers.e3j_tpu_entries(device, ROWS, CHANNELS, _three_orders, args.entries)
+            kernels = tpu_target(target, device, entries + peer_entries, progress)
         else:
             if ptxas is None:
                 failed.append(f"{target}: no ptxas (install nvidia-cuda-nvcc-cu12)")

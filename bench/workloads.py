@@ -11,6 +11,7 @@ agree (e3nn-jax and e3kernels), parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import e3kernels
+from bench import peers
 from e3kernels.models import mace
 
 SPECIES = 10
@@ -247,6 +249,30 @@ def convolution(rows: int, platform: str) -> list[Candidate]:
     for backend in e3kernels_backends(platform):
         ours = module(e3kernels.haiku.MessagePassingConvolution, backend=backend)
         candidates.append(_haiku_candidate(f"e3kernels {backend}", ours, theirs.args[0], args))
+    return candidates + _peer_convolutions(platform, module, avg_num_neighbors, candidates[1], edges)
+
+
+def _peer_convolutions(platform, module, avg_num_neighbors, reference: Candidate, edges) -> list[Candidate]:
+    """e3j's and cuequivariance-jax's convolutions (bench/peers.py) with our radial network
+    and parameters, each checked against ``reference`` (e3kernels' reference backend) on
+    the workload's inputs before it is timed: a peer that disagrees raises.
+
+    JAX's caches are cleared after the check, so that the bench's trace+compile seconds
+    start cold; Python-level one-off setup (our plan, e3j's blocks, cue's descriptors, and
+    e3nn's Clebsch-Gordan coefficients that our plan computes) stays cached for every
+    candidate alike."""
+    candidates, want = [], None
+    for name, make_op in peers.peer_ops(platform):
+        if name.startswith("e3j"):
+            peers.check_sender_ordering(*edges)
+        peer = module(functools.partial(peers.PeerMessagePassingConvolution, make_op))
+        candidate = _haiku_candidate(name, peer, reference.args[0], reference.args[1:])
+        if want is None:
+            want = jax.jit(lambda *args: reference.fwd(*args))(*reference.args)
+        peers.assert_parity(name, jax.jit(lambda *args, c=candidate: c.fwd(*args))(*candidate.args), want)
+        candidates.append(candidate)
+    if candidates:
+        jax.clear_caches()
     return candidates
 
 
