@@ -398,7 +398,9 @@ def message_passing_convolution(
     backend: str | None,
 ) -> e3nn.IrrepsArray:
     """The convolution on e3nn's flat layout; ``edge_weights(num_outputs)`` is the radial
-    network's ``(E, num_outputs)`` output (``num_outputs``: one per message irrep)."""
+    network's ``(E, num_outputs)`` output (``num_outputs``: one per message irrep), or its
+    last layer as :class:`e3kernels.ops.RadialWeights` (``hidden`` ``(E, H)``, ``matrix``
+    ``(H, num_outputs)``), which the op fuses."""
     x, irreps_per_channel, channels = convolution_inputs(node_feats, edge_sh)
     plan = ops.convolution_plan(irreps_per_channel, edge_sh.irreps, target_irreps)
     if plan.num_paths == 0:
@@ -408,14 +410,17 @@ def message_passing_convolution(
         )
     num_edges = edge_sh.shape[0]
     weights = edge_weights(plan.num_paths * channels)
-    weights = weights.array if isinstance(weights, e3nn.IrrepsArray) else weights
-    if weights.shape != (num_edges, plan.num_paths * channels):
-        raise ValueError(
-            f"{MODULE_CONV}: the radial network must give ({num_edges}, {plan.num_paths * channels}) "
-            f"weights; got {weights.shape}"
-        )
+    expected = (num_edges, plan.num_paths * channels)
+    fused = isinstance(weights, ops.RadialWeights)
+    if not fused:
+        weights = weights.array if isinstance(weights, e3nn.IrrepsArray) else weights
+    got = (weights.hidden.shape[0], weights.matrix.shape[-1]) if fused else weights.shape
+    if got != expected:
+        raise ValueError(f"{MODULE_CONV}: the radial network must give {expected} weights; got {got}")
+    if not fused:
+        weights = weights.reshape(num_edges, plan.num_paths, channels)
     out = ops.equivariant_convolution(
-        x, edge_sh.array, weights.reshape(num_edges, plan.num_paths, channels), jnp.asarray(senders),
+        x, edge_sh.array, weights, jnp.asarray(senders),
         jnp.asarray(receivers), plan, avg_num_neighbors=avg_num_neighbors, backend=backend,
     )
     return paths_to_mul(out, plan.irreps_out)

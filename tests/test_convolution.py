@@ -457,3 +457,146 @@ def test_float64_equals_e3nn_in_float64():
         expected = e3nn_formulation(g.x, g.sh, g.weights, *g.edges, plan, 2.5)
         out = ops.equivariant_convolution(g.x, g.sh, g.weights, *g.edges, plan, avg_num_neighbors=2.5)
         np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-12, atol=1e-12)
+
+
+# ---- fused radial weights -----------------------------------------------------------------
+
+
+class Radial:
+    """A graph's weights as a radial network's last layer: ``hidden`` ``(E, H)`` and
+    ``matrix`` ``(H, P * C)``; H differs from every other size, so shapes are unambiguous."""
+
+    def __init__(self, g: Graph, hidden=5, seed=1):
+        rng = np.random.default_rng(seed)
+        num_edges, _, channels = g.weights.shape
+        dtype = g.weights.dtype
+        self.hidden = jnp.asarray(rng.standard_normal((num_edges, hidden)), dtype)
+        self.matrix = jnp.asarray(rng.standard_normal((hidden, g.plan.num_paths * channels)), dtype)
+
+
+def radial_conv(backend, plan=PLAN, avg_num_neighbors=2.5):
+    def f(x, sh, hidden, matrix, edges):
+        return ops.equivariant_convolution(x, sh, ops.RadialWeights(hidden, matrix), *edges, plan,
+                                           avg_num_neighbors=avg_num_neighbors, backend=backend)
+
+    return f
+
+
+def formed_spec(x, sh, hidden, matrix, edges, plan=PLAN, avg_num_neighbors=2.5):
+    weights = jnp.einsum("ek,kq->eq", hidden, matrix).reshape(hidden.shape[0], plan.num_paths, -1)
+    return spec.equivariant_convolution(x, sh, weights, *edges, plan, avg_num_neighbors)
+
+
+def radial_training_loss(f, projection):
+    """Forces on the node features and harmonics, then a loss on both, differentiated in
+    ``x``, ``sh``, ``hidden`` and ``matrix`` (second order); called ``(x, sh, hidden,
+    matrix, edges)``."""
+
+    def loss(x, sh, hidden, matrix, edges):
+        def energy(x, sh):
+            return jnp.sum(projection * f(x, sh, hidden, matrix, edges).astype(jnp.float32))
+
+        gx, gsh = jax.grad(energy, argnums=(0, 1))(x, sh)
+        return jnp.sum(jnp.sin(gx.astype(jnp.float32))) + jnp.sum(jnp.cos(gsh.astype(jnp.float32)))
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_radial_weights_equal_the_formed_weights_to_second_order(backend):
+    """``RadialWeights(hidden, matrix)`` is the spec on ``hidden @ matrix``: output and a
+    force-training loss's gradients in x, sh, hidden and matrix (d/d matrix: a sum over
+    edges), with dropped edges whose hidden layer is NaN contributing nothing."""
+    g = Graph()
+    r = Radial(g)
+    senders = g.senders.at[2].set(g.x.shape[0])  # padding edges: their data may be NaN
+    receivers = g.receivers.at[6].set(-3)
+    hidden = r.hidden.at[2].set(jnp.nan).at[6].set(jnp.inf)
+    keep = np.ones(16, bool)
+    keep[[2, 6]] = False
+    edges = (senders, receivers)
+    f = radial_conv(backend)
+    kept = (g.senders[keep], g.receivers[keep])
+    assert_close(jax.jit(f)(g.x, g.sh, hidden, r.matrix, edges),
+                 formed_spec(g.x, g.sh[keep], r.hidden[keep], r.matrix, kept))
+    projection = projection_for(g)
+    grads = jax.jit(radial_training_loss(f, projection))(g.x, g.sh, hidden, r.matrix, edges)
+    expected = radial_training_loss(formed_spec, projection)(g.x, g.sh[keep], r.hidden[keep], r.matrix, kept)
+    assert all(bool(jnp.all(jnp.isfinite(t))) for t in grads)
+    assert bool(jnp.all(grads[1][~keep] == 0)) and bool(jnp.all(grads[2][~keep] == 0))
+    got = (grads[0], grads[1][keep], grads[2][keep], grads[3])
+    assert_trees_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_radial_weights_in_float64_equal_the_formed_weights():
+    with jax.enable_x64(True):
+        g = Graph(dtype=jnp.float64)
+        r = Radial(g)
+        f = jax.jit(radial_conv("reference"))
+        args = (g.x, g.sh, r.hidden, r.matrix, g.edges)
+        assert f(*args).dtype == jnp.float64
+        assert_close(f(*args), formed_spec(*args), rtol=1e-12, atol=1e-12)
+        projection = projection_for(g).astype(jnp.float64)
+        assert_trees_close(jax.jit(radial_training_loss(f, projection))(*args),
+                           radial_training_loss(formed_spec, projection)(*args), rtol=1e-10, atol=1e-10)
+
+
+def test_radial_weights_never_form_the_weights(monkeypatch):
+    """Nowhere in the reference's program, derivatives included, is there an ``(E, P, C)``
+    or ``(E, P * C)`` array: the weights exist one block of edges at a time."""
+    from e3kernels.reference import equivariant_convolution as reference
+
+    monkeypatch.setattr(reference, "_BLOCK_ELEMENTS", 8)  # blocks of 8 edges
+    g = Graph(edges=96, channels=3)
+    r = Radial(g)
+    f = radial_conv("reference")
+    grads = radial_training_loss(f, projection_for(g))
+    text = jax.jit(grads).lower(g.x, g.sh, r.hidden, r.matrix, g.edges).compile().as_text()
+    paths, channels = g.plan.num_paths, 3
+    for shape in (f"[96,{paths},{channels}]", f"[96,{paths * channels}]", f"[96,{channels},{paths}]"):
+        assert shape not in text, shape
+    unfused = jax.jit(jax.grad(lambda w: jnp.sum(conv("reference")(g.x, (g.sh, w), g.edges))))
+    assert f"[96,{paths},{channels}]" in unfused.lower(g.weights).compile().as_text()  # the check can fail
+
+
+def test_radial_weights_sharded_over_edges():
+    """Edges (and hidden) sharded over 4 devices, the matrix replicated: d/d matrix is the
+    one-device sum over all edges, d/d hidden stays with its edges."""
+    g = Graph(edges=16)
+    r = Radial(g)
+    mesh = _edge_mesh()
+    edges, replicated = NamedSharding(mesh, P("edges")), NamedSharding(mesh, P())
+    sh, hidden, index = jax.device_put((g.sh, r.hidden, g.edges), edges)
+    x, matrix = jax.device_put((g.x, r.matrix), replicated)
+    projection = projection_for(g)
+    grads = jax.jit(radial_training_loss(radial_conv("reference"), projection))(x, sh, hidden, matrix, index)
+    expected = radial_training_loss(formed_spec, projection)(g.x, g.sh, r.hidden, r.matrix, g.edges)
+    assert_trees_close(grads, expected, rtol=2e-4, atol=2e-4)
+    assert grads[2].sharding.spec[0] == "edges"
+
+
+def test_radial_weights_vmap_over_graphs():
+    """A batch of graphs with their own hidden layers and one matrix, or a matrix each."""
+    g = Graph()
+    r = Radial(g)
+    batch = lambda a: jnp.stack([a, 2 * a])
+    edges = tuple(jnp.stack([e, e]) for e in g.edges)
+    f = radial_conv("reference")
+    inputs = (batch(g.x), batch(g.sh), batch(r.hidden))
+    shared = jax.vmap(f, in_axes=(0, 0, 0, None, 0))(*inputs, r.matrix, edges)
+    own = jax.vmap(f, in_axes=(0, 0, 0, 0, 0))(*inputs, batch(r.matrix), edges)
+    for k, scale in enumerate((1, 2)):
+        expected = formed_spec(scale * g.x, scale * g.sh, scale * r.hidden, r.matrix, g.edges)
+        assert_close(shared[k], expected)
+        assert_close(own[k], scale * expected)
+
+
+def test_radial_weights_bad_arguments():
+    g = Graph()
+    r = Radial(g)
+    f = radial_conv("reference")
+    op = "equivariant_convolution: weights"
+    with pytest.raises(ValueError, match=op + r".matrix must have shape \(5, 21\)"):
+        f(g.x, g.sh, r.hidden, r.matrix[:, :-1], g.edges)
+    with pytest.raises(ValueError, match=op + r".hidden must have shape \(16, \?\)"):
+        f(g.x, g.sh, r.hidden[:-1], r.matrix, g.edges)

@@ -7,10 +7,12 @@ from collections.abc import Callable, Sequence
 import e3nn_jax as e3nn
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
 from e3kernels import _layers
 from e3kernels import backend as _backend
 from e3kernels.haiku.others import MultiLayerPerceptron
+from e3kernels.ops import RadialWeights
 
 
 class MessagePassingConvolution(hk.Module):
@@ -81,12 +83,43 @@ class MessagePassingConvolution(hk.Module):
         self.backend = _backend.validate_optional_backend(backend)
 
     def __call__(self, node_feats, edge_sh, radial_embedding, senders, receivers) -> e3nn.IrrepsArray:
-        def edge_weights(num_outputs: int) -> jax.Array:
-            mlp = MultiLayerPerceptron(list(self.radial_neurons) + [num_outputs], self.activation,
-                                       output_activation=False)
-            return mlp(radial_embedding)
+        def edge_weights(num_outputs: int) -> RadialWeights:
+            # the last layer is fused into the op: the (E, num_outputs) weights never exist
+            return _RadialNetwork(list(self.radial_neurons) + [num_outputs], self.activation,
+                                  output_activation=False, name="multi_layer_perceptron")(radial_embedding)
 
         return _layers.message_passing_convolution(
             self.target_irreps, self.avg_num_neighbors, node_feats, edge_sh, senders, receivers,
             edge_weights, self.backend,
         )
+
+
+class _RadialNetwork(MultiLayerPerceptron):
+    """The radial network's output ``hidden @ matrix`` as its two factors, for the op to
+    fuse (:class:`~e3kernels.ops.RadialWeights`): ``hidden`` ``(E, H)``, the last hidden
+    layer by e3nn-jax's own forward pass, and ``matrix`` ``(H, outputs)``, the last
+    layer's weights times their normalisation. Its parameters are the MLP's (``linear_*``,
+    created in the same order, so with the same initial values)."""
+
+    def __call__(self, x) -> RadialWeights:
+        assert self.output_activation is None and not self.with_bias, "a linear last layer"
+        *hidden_neurons, num_outputs = self.list_neurons
+        whole = self.list_neurons, self.output_activation
+        self.list_neurons, self.output_activation = hidden_neurons, self.act  # the hidden layers
+        try:
+            hidden = super().__call__(x)
+        finally:
+            self.list_neurons, self.output_activation = whole
+        hidden = hidden.array if isinstance(hidden, e3nn.IrrepsArray) else hidden
+        alpha = 1 / hidden.shape[-1]
+        weights = _LayerWeights(name=f"linear_{len(hidden_neurons)}")(
+            (hidden.shape[-1], num_outputs), hidden.dtype,
+            hk.initializers.RandomNormal(stddev=jnp.sqrt(alpha) ** (1.0 - self.gradient_normalization)))
+        return RadialWeights(hidden, jnp.sqrt(alpha) ** self.gradient_normalization * weights)
+
+
+class _LayerWeights(hk.Module):
+    """The ``w`` of an ``hk.Linear`` (same name, shape, dtype and initialiser), unapplied."""
+
+    def __call__(self, shape, dtype, init):
+        return hk.get_parameter("w", shape, dtype, init=init)

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from e3kernels import backend as _backend
+from e3kernels.grouping import edge_in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.ops._checks import check_array, check_indices_in_range
 from e3kernels.reference import equivariant_convolution as _reference
 
 OP = "equivariant_convolution"
+
+
+class RadialWeights(NamedTuple):
+    """Per-edge weights given as the radial network's last layer, fused into the op:
+    ``weights[e] = (hidden[e] @ matrix).reshape(P, C)``, never formed in memory whole.
+
+    Attributes:
+      hidden: ``(E, H)`` the radial network's last hidden layer (after its activation).
+      matrix: ``(H, P * C)`` its last weight matrix, normalisation included; column
+        ``p * C + c`` is path ``p``, channel ``c``.
+    """
+
+    hidden: jax.Array
+    matrix: jax.Array
 
 
 def equivariant_convolution(
@@ -54,7 +70,12 @@ def equivariant_convolution(
       x: ``(N, C, plan.dim_in)`` node features, ``C`` channels of ``plan.irreps_in``.
       sh: ``(E, plan.dim_sh)`` per-edge spherical harmonics (``e3nn.spherical_harmonics``).
       weights: ``(E, plan.num_paths, C)`` per edge, output irrep and channel (typically a
-        radial MLP of the edge lengths).
+        radial MLP of the edge lengths); or :class:`RadialWeights`, the radial network's
+        last layer, so that the reference forms the weights one block of edges at a time
+        (the ``(E, P, C)`` array never exists) and differentiates in ``hidden`` and
+        ``matrix`` directly: ``d/d matrix`` sums over edges, deterministically like the
+        node sums. The Pallas kernels take the weights formed (``hidden @ matrix``, one
+        XLA matmul) and do not fuse them yet.
       senders, receivers: ``(E,)`` integer node indices of each edge. Concrete
         out-of-range indices raise; traced ones drop the edge: it contributes exactly
         nothing, to the output and to every derivative, even where its ``sh`` or
@@ -84,11 +105,20 @@ def equivariant_convolution(
     >>> out.shape, float(out[0].sum()), float(out[2, 0, 0])
     ((3, 8, 11), 0.0, 2.0)
     """
+    radial = weights if isinstance(weights, RadialWeights) else None
+    if radial is not None:
+        _validate_radial(x, sh, radial, plan)
+        hidden, matrix = radial.hidden, radial.matrix
+        weights = jax.ShapeDtypeStruct((sh.shape[0], plan.num_paths, x.shape[1]),
+                                       jnp.result_type(hidden, matrix))
     _validate(x, sh, weights, senders, receivers, plan)
     for argument, index in (("senders", senders), ("receivers", receivers)):
         check_indices_in_range(OP, argument, index, x.shape[0], bound=f"x has {x.shape[0]} nodes")
     avg_num_neighbors = checked_average(avg_num_neighbors)
-    dtype = jnp.result_type(x, sh, weights)
+    dtype = jnp.result_type(x, sh, weights.dtype)
+    if radial is not None:
+        return _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors,
+                                   backend, dtype)
     impl = _backend.select(
         OP,
         backend,
@@ -103,6 +133,49 @@ def equivariant_convolution(
         out_spaces="node",
     )
     return impl(x, sh, weights, senders, receivers)
+
+
+def _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors, backend, dtype):
+    matrix = matrix.reshape(matrix.shape[0], plan.num_paths, x.shape[1])
+
+    def kernels():
+        implementations = _kernels().implementations(plan, avg_num_neighbors, dtype)
+        if isinstance(implementations, str):
+            return implementations
+
+        def formed(unfused):  # the kernels take the (E, P, C) weights: one matmul before them
+            def call(x, sh, hidden, matrix, senders, receivers):
+                # a dropped edge's hidden layer (NaN for padding) must not reach d/d matrix
+                counted = edge_in_range(senders, receivers, x.shape[0])
+                hidden = jnp.where(counted[:, None], hidden, 0)
+                weights = jnp.einsum("ek,kpc->epc", hidden, matrix, preferred_element_type=dtype)
+                return unfused(x, sh, weights.astype(dtype), senders, receivers)
+
+            return call
+
+        return {name: formed(unfused) if callable(unfused) else unfused
+                for name, unfused in implementations.items()}
+
+    impl = _backend.select(
+        OP,
+        backend,
+        functools.partial(_reference.radial_equivariant_convolution, plan=plan,
+                          avg_num_neighbors=avg_num_neighbors),
+        kernels,
+        jax.ShapeDtypeStruct(x.shape[:2] + (plan.dim_out,), x.dtype),
+        key=(plan, avg_num_neighbors, "radial"),
+        row_axes=(None, 0, 0, None, 0, 0),  # split over edges; node sums and d/d matrix all-reduced
+        out_row_axis=None,
+        spaces=("node", "edge", "edge", "", "edge -> node", "edge -> node"),
+        out_spaces="node",
+    )
+    return impl(x, sh, hidden, matrix, senders, receivers)
+
+
+def _validate_radial(x, sh, radial: RadialWeights, plan: ConvolutionPlan) -> None:
+    check_array(OP, "weights.hidden", radial.hidden, (sh.shape[0], None), "f")
+    num_hidden, num_channels = radial.hidden.shape[1], x.shape[1]
+    check_array(OP, "weights.matrix", radial.matrix, (num_hidden, plan.num_paths * num_channels), "f")
 
 
 def _kernels():

@@ -10,7 +10,14 @@ x[i] sh[j]``) and ``p(q)`` the path of output column ``q``, the scalar
                      w[e, p(q), c]\, g[r_e, c, q]
 
 is linear in each of its four arguments, and the convolution is its partial derivative
-in ``g`` (before the ``1 / avg_num_neighbors`` scale). Every derivative of a partial is
+in ``g`` (before the ``1 / avg_num_neighbors`` scale).
+
+Fused radial weights. When the weights are the radial network's last layer, ``w[e, p, c]
+= sum_k h[e, k] W[k, p, c]``, the form takes ``(x, sh, h, g, W)`` instead: still linear in
+each argument, with two partials more in place of ``dF/dw``. ``dF/dh`` ``(E, H)`` is per
+edge (``dF/dw`` contracted with ``W``) and ``dF/dW`` ``(H, P, C)`` sums over edges
+(``h`` contracted with ``dF/dw``), in a fixed order like the node sums. The ``(E, P, C)``
+weights are formed one block of edges at a time and never exist whole. Every derivative of a partial is
 again a partial: the VJP of ``dF/da`` in ``b`` with cotangent ``t`` is ``dF/db`` with ``a``
 replaced by ``t``. So an implementation provides the four partials (:class:`Partials`) and
 :func:`form_partial` differentiates them to any order (forces, then training), each
@@ -45,8 +52,9 @@ from e3kernels.grouping import counted_edges
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.spec import accumulation_dtype
 
-#: the arguments of the form, in order; a partial's ``which`` is a position here
-X, SH, WEIGHTS, OUT = range(4)
+#: the arguments of the form, in order; a partial's ``which`` is a position here. With
+#: fused radial weights, ``WEIGHTS`` holds ``h`` ``(E, H)`` and ``MATRIX`` ``W`` ``(H, P, C)``
+X, SH, WEIGHTS, OUT, MATRIX = range(5)
 
 #: elements of one block's ``(edges, C, dim_out)`` message buffer
 _BLOCK_ELEMENTS = 1 << 18
@@ -56,8 +64,9 @@ class Partials(Protocol):
     """An implementation of the form's four partial derivatives.
 
     ``__call__(which, out_dtype, args, senders, receivers, num_nodes)`` returns ``dF /
-    d args[which]`` as ``out_dtype``; ``args`` is ``(x, sh, weights, g)`` with ``None`` at
-    ``which``. Instances are static (hashable) arguments of :func:`form_partial`.
+    d args[which]`` as ``out_dtype``; ``args`` is ``(x, sh, weights, g)``, or ``(x, sh, h,
+    g, W)`` with fused radial weights, with ``None`` at ``which``. Instances are static
+    (hashable) arguments of :func:`form_partial`.
     """
 
     def __call__(self, which: int, out_dtype, args, senders, receivers, num_nodes: int) -> jax.Array: ...
@@ -97,11 +106,20 @@ def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: Convolu
     return convolve(ReferencePartials(plan), x, sh, weights, senders, receivers, avg_num_neighbors)
 
 
-def convolve(partials: Partials, x, sh, weights, senders, receivers, avg_num_neighbors: float):
+def radial_equivariant_convolution(x, sh, hidden, matrix, senders, receivers, *, plan: ConvolutionPlan,
+                                   avg_num_neighbors: float):
+    """The op with fused radial weights (``weights[e] = hidden[e] @ matrix``, ``matrix``
+    ``(H, P, C)``) on the reference."""
+    return convolve(ReferencePartials(plan), x, sh, hidden, senders, receivers, avg_num_neighbors, matrix)
+
+
+def convolve(partials: Partials, x, sh, weights, senders, receivers, avg_num_neighbors: float, matrix=None):
     """The op on ``partials``: the form's partial in ``g``, scaled, then rounded once to
-    ``x``'s dtype (16-bit inputs: the sums and the scale in float32)."""
-    acc = accumulation_dtype(x, sh, weights)
-    out = form_partial(partials, OUT, acc, x.shape[0], (x, sh, weights, None), senders, receivers)
+    ``x``'s dtype (16-bit inputs: the sums and the scale in float32). With ``matrix``,
+    ``weights`` is the radial network's last hidden layer ``h`` (fused radial weights)."""
+    acc = accumulation_dtype(x, sh, weights, *(() if matrix is None else (matrix,)))
+    args = (x, sh, weights, None) + (() if matrix is None else (matrix,))
+    out = form_partial(partials, OUT, acc, x.shape[0], args, senders, receivers)
     if avg_num_neighbors != 1.0:
         out = out * jnp.asarray(1.0 / avg_num_neighbors, acc)
     return out.astype(x.dtype)
@@ -109,20 +127,23 @@ def convolve(partials: Partials, x, sh, weights, senders, receivers, avg_num_nei
 
 def partial_shape(plan: ConvolutionPlan, which: int, args, num_edges: int, num_nodes: int) -> tuple[int, ...]:
     """The shape of ``dF / d args[which]`` (``args`` as in :class:`Partials`)."""
-    x, _, weights, g = args
-    num_channels = next(a.shape[-1] if k == WEIGHTS else a.shape[1]
-                        for k, a in ((X, x), (WEIGHTS, weights), (OUT, g)) if a is not None)
+    x, _, weights, g = args[:4]
+    num_channels = (x if x is not None else g).shape[1]  # only one of x and g is the slot
+    fused = len(args) > MATRIX
+    if fused:  # h (E, H) or W (H, P, C)
+        num_hidden = weights.shape[1] if weights is not None else args[MATRIX].shape[0]
     return {
         X: (num_nodes, num_channels, plan.dim_in),
         SH: (num_edges, plan.dim_sh),
-        WEIGHTS: (num_edges, plan.num_paths, num_channels),
+        WEIGHTS: (num_edges, num_hidden) if fused else (num_edges, plan.num_paths, num_channels),
         OUT: (num_nodes, num_channels, plan.dim_out),
+        MATRIX: (num_hidden, plan.num_paths, num_channels) if fused else None,
     }[which]
 
 
 def has_no_work(args, senders, num_nodes: int) -> bool:
     """No edge, no node or no channel: every partial is zero."""
-    x, _, weights, g = args
+    x, _, _, g = args[:4]
     channels = x.shape[1] if x is not None else g.shape[1]
     return senders.shape[0] == 0 or num_nodes == 0 or channels == 0
 
@@ -142,7 +163,9 @@ class ReferencePartials:
     def __call__(self, which, out_dtype, args, senders, receivers, num_nodes):
         plan = self.plan
         acc = accumulation_dtype(*(a for a in args if a is not None))
-        x, sh, weights, g = (None if a is None else a.astype(acc) for a in args)
+        x, sh, weights, g, *rest = (None if a is None else a.astype(acc) for a in args)
+        fused = len(args) > MATRIX
+        matrix = rest[0] if fused else None
         num_edges = senders.shape[0]
         out_shape = partial_shape(plan, which, args, num_edges, num_nodes)
         if has_no_work(args, senders, num_nodes):
@@ -164,7 +187,7 @@ class ReferencePartials:
         if sh is not None:
             edges["sh"] = blocked(sh, 0)
         if weights is not None:
-            edges["w"] = blocked(weights, 0)
+            edges["w"] = blocked(weights, 0)  # h (E, H) with fused radial weights
         table = jnp.asarray(plan.table, acc)  # (i, j, q)
         path_of = jnp.asarray(plan.path_of_column)
         path_ranges = _path_ranges(plan.path_of_column)
@@ -182,7 +205,21 @@ class ReferencePartials:
         def product(a, xs):  # sum_i A[e, i, q] x[e, i, c]: (B, Q, C), a fused sum of din terms
             return jnp.sum(a[:, :, :, None] * xs[:, :, None, :], axis=1)
 
+        def edge_weights(e):  # (B, P, C); fused: formed here, from h masked like any edge datum
+            if not fused:
+                return e["w"]
+            hidden = jnp.where(e["ok"][:, None], e["w"], 0)
+            return jnp.einsum("bk,kpc->bpc", hidden, matrix, preferred_element_type=acc)
+
+        def weights_partial(e):  # dF/dw of the block's edges: (B, P, C)
+            v = product(folded(e), gather(x_t, e["s"])) * gather(g_t, e["r"])
+            return jnp.stack([jnp.sum(v[:, a:b], axis=1) for a, b in path_ranges], axis=1)
+
         def block_value(e):  # a dropped edge's values are exactly 0, whatever its data
+            if which == MATRIX:  # sum over the block's edges of h (x) dF/dw
+                hidden = jnp.where(e["ok"][:, None], e["w"], 0)
+                partial = jnp.where(e["ok"][:, None, None], weights_partial(e), 0)
+                return jnp.einsum("bk,bpc->kpc", hidden, partial, preferred_element_type=acc)
             ok = e["ok"].reshape((-1,) + (1,) * (len(out_shape) - 1))
             value = jnp.where(ok, edge_values(e), 0)
             if which in (X, OUT):
@@ -191,21 +228,25 @@ class ReferencePartials:
 
         def edge_values(e):  # per edge: messages (node partials) or the edge partial
             if which == OUT:
-                return product(folded(e), gather(x_t, e["s"])) * e["w"][:, path_of]
+                return product(folded(e), gather(x_t, e["s"])) * edge_weights(e)[:, path_of]
             if which == X:
-                t = e["w"][:, path_of] * gather(g_t, e["r"])
+                t = edge_weights(e)[:, path_of] * gather(g_t, e["r"])
                 return jnp.sum(folded(e)[:, :, :, None] * t[:, None, :, :], axis=2)
             if which == WEIGHTS:
-                v = product(folded(e), gather(x_t, e["s"])) * gather(g_t, e["r"])
-                return jnp.stack([jnp.sum(v[:, a:b], axis=1) for a, b in path_ranges], axis=1)
-            t = e["w"][:, path_of] * gather(g_t, e["r"])
+                if fused:  # dF/dh = dF/dw contracted with W
+                    return jnp.einsum("bpc,kpc->bk", weights_partial(e), matrix, preferred_element_type=acc)
+                return weights_partial(e)
+            t = edge_weights(e)[:, path_of] * gather(g_t, e["r"])
             b = jnp.sum(gather(x_t, e["s"])[:, :, None, :] * t[:, None, :, :], axis=3)  # (B, i, q)
             return jnp.einsum("eiq,ijq->ej", b, table, precision=hi)
 
-        if which in (X, OUT):  # sums over edges: accumulate over the blocks
+        if which in (X, OUT, MATRIX):  # sums over edges: accumulate over the blocks
             def step(total, e):
                 return total + block_value(e), None
 
+            if which == MATRIX:
+                total, _ = jax.lax.scan(step, jnp.zeros(out_shape, acc), edges)
+                return total.astype(out_dtype)
             nodes_t = (out_shape[0], out_shape[2], out_shape[1])
             total, _ = jax.lax.scan(step, jnp.zeros(nodes_t, acc), edges)
             return total.transpose(0, 2, 1).astype(out_dtype)
