@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import assert_close, assert_trees_close, tree_sum_squares
+from jax._src import core as jax_core
 
 import e3kernels
+from e3kernels import dispatch
 
 KEY = jax.random.PRNGKey(0)
 
@@ -325,3 +327,69 @@ def test_message_passing_convolution_needs_equal_multiplicities():
     with pytest.raises(ValueError, match=r"MessagePassingConvolution: node_feats must have the same nonzero "
                                          r"multiplicity \(channels\) for every irrep"):
         e3kernels.flax.MessagePassingConvolution(**CONV).init(KEY, x, *rest)
+
+
+class E3nnConvolution(nn.Module):
+    """The module's documented equality in e3nn-jax: the radial network's ``(E, P * C)``
+    output formed, the messages materialised."""
+
+    target_irreps: str
+    avg_num_neighbors: float
+    radial_neurons: tuple
+
+    @nn.compact
+    def __call__(self, node_feats, edge_sh, radial, senders, receivers):
+        msg = e3nn.tensor_product(node_feats[senders], edge_sh, filter_ir_out=self.target_irreps)
+        mix = e3nn_flax.MultiLayerPerceptron(self.radial_neurons + (msg.irreps.num_irreps,), jax.nn.silu,
+                                             output_activation=False)(radial)
+        out = e3nn.scatter_sum(msg * mix, dst=receivers, output_size=node_feats.shape[0])
+        return out / self.avg_num_neighbors
+
+
+def shapes_outside_the_op(fn, *args):
+    """The shapes of the intermediates of ``fn``'s program, nested programs included, but
+    those inside the op (its ``e3kernels_call`` equations)."""
+    shapes = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is dispatch.call_p:
+                continue
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+def test_message_passing_convolution_fuses_the_radial_networks_last_layer():
+    """The radial network's last layer runs in the op: no ``(E, P * C)`` or ``(E, P, C)``
+    weights outside it, forward or backward; the parameters (names, initial values) and
+    the float64 numbers are e3nn-jax's unfused formulation's."""
+    edges, paths, channels = 17, 7, 2  # and 6 nodes, 4 basis functions, 8 hidden: no size twice
+    with jax.enable_x64(True):
+        x, sh, radial, senders, receivers = conv_inputs(channels=channels, edges=edges)
+        x, sh, radial = x.astype(jnp.float64), sh.astype(jnp.float64), radial.astype(jnp.float64)
+        args = (x, sh, radial, senders, receivers)
+        ours = e3kernels.flax.MessagePassingConvolution(**CONV)
+        theirs = E3nnConvolution(CONV["target_irreps"], CONV["avg_num_neighbors"], CONV["radial_neurons"])
+        variables = ours.init(jax.random.PRNGKey(5), *args)
+        assert_trees_close(variables, theirs.init(jax.random.PRNGKey(5), *args), 0, 0)
+        last = variables["params"]["MultiLayerPerceptron_0"]["Dense_1"]["kernel"]
+        assert last.shape == (8, paths * channels) and last.dtype == jnp.float64
+
+        def value_and_grad(module):
+            def loss(variables, x):
+                return jnp.sum(jnp.sin(module.apply(variables, x, *args[1:]).array))
+
+            return jax.value_and_grad(loss, argnums=(0, 1))
+
+        out = jax.jit(ours.apply)(variables, *args)
+        assert out.dtype == jnp.float64
+        assert_close(out, theirs.apply(variables, *args), 1e-12, 1e-12)
+        assert_trees_close(jax.jit(value_and_grad(ours))(variables, x), value_and_grad(theirs)(variables, x),
+                           1e-12, 1e-12)
+        formed = {(edges, paths * channels), (edges, paths, channels), (edges, channels, paths)}
+        assert not formed & shapes_outside_the_op(value_and_grad(ours), variables, x)
+        assert formed & shapes_outside_the_op(value_and_grad(theirs), variables, x)  # the check can fail

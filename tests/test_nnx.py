@@ -15,8 +15,10 @@ import optax
 import pytest
 from conftest import assert_close, assert_trees_close
 from flax import nnx
+from jax._src import core as jax_core
 
 import e3kernels
+from e3kernels import dispatch
 
 KEY = jax.random.PRNGKey(0)
 SPECIES, CHANNELS, ATOMS = 3, 4, 12
@@ -540,3 +542,62 @@ def test_message_passing_convolution_bfloat16():
     assert y.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(y.array)))
     assert_close(y16.array.astype(jnp.float32), y, 0, 0.05 * scale)
+
+
+def shapes_outside_the_op(fn, *args):
+    """The shapes of the intermediates of ``fn``'s program, nested programs included, but
+    those inside the op (its ``e3kernels_call`` equations)."""
+    shapes = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is dispatch.call_p:
+                continue
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+def test_message_passing_convolution_fuses_the_radial_networks_last_layer():
+    """The radial network's last layer runs in the op: no ``(E, P * C)`` or ``(E, P, C)``
+    weights outside it, forward or backward; in float64 the numbers are the unfused
+    formulation's (e3nn-jax's, with the module's own ``radial_mlp`` forming the weights)."""
+    edges, paths, channels, nodes = 17, 7, 2, 6  # 4 basis functions, 8 hidden: no size twice
+    with jax.enable_x64(True):
+        model = e3kernels.nnx.MessagePassingConvolution(
+            "2x0e + 2x1o", *CONV_ARGS[1:], num_radial_basis=4, radial_neurons=(8,), backend="reference",
+            param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        assert model.radial_mlp.layers[-1].kernel.shape == (8, paths * channels)
+        keys = jax.random.split(jax.random.PRNGKey(11), 4)
+        x = e3nn.normal(model.irreps_in, keys[0], (nodes,), dtype=jnp.float64)
+        sh = e3nn.spherical_harmonics(model.irreps_sh, jax.random.normal(keys[1], (edges, 3), jnp.float64),
+                                      normalize=True)
+        radial = jax.random.normal(keys[2], (edges, 4), jnp.float64)
+        senders = jax.random.randint(keys[3], (edges,), 0, nodes)
+        receivers = (senders + 1) % nodes
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def ours(params, x):
+            return nnx.merge(graphdef, params)(x, sh, radial, senders, receivers)
+
+        def theirs(params, x):
+            module = nnx.merge(graphdef, params)
+            msg = e3nn.tensor_product(x[senders], sh, filter_ir_out=module.target_irreps)
+            mix = module.radial_mlp(radial)  # the MLP's own forward pass: the (E, P * C) weights
+            out = e3nn.scatter_sum(msg * mix, dst=receivers, output_size=nodes) / module.avg_num_neighbors
+            return out
+
+        def value_and_grad(apply):
+            return jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(apply(p, x).array)), argnums=(0, 1))
+
+        out = jax.jit(ours)(params, x)
+        assert out.dtype == jnp.float64 and out.irreps == model.irreps_out
+        assert_close(out, theirs(params, x), 1e-12, 1e-12)
+        assert_trees_close(jax.jit(value_and_grad(ours))(params, x), value_and_grad(theirs)(params, x),
+                           1e-12, 1e-12)
+        formed = {(edges, paths * channels), (edges, paths, channels), (edges, channels, paths)}
+        assert not formed & shapes_outside_the_op(value_and_grad(ours), params, x)
+        assert formed & shapes_outside_the_op(value_and_grad(theirs), params, x)  # the check can fail

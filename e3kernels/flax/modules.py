@@ -9,9 +9,11 @@ import e3nn_jax as e3nn
 import e3nn_jax.flax as e3nn_flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from e3kernels import _layers
+from e3kernels import _layers, ops
 from e3kernels import backend as _backend
+from e3kernels._e3nn_private import parse_gradient_normalization
 
 
 class Linear(e3nn_flax.Linear):
@@ -203,9 +205,11 @@ class MessagePassingConvolution(nn.Module):
         out = e3nn.scatter_sum(msg * mix, dst=receivers, output_size=num_nodes) / avg_num_neighbors
 
     The only parameters are the radial network's, a :class:`MultiLayerPerceptron`
-    submodule ``MultiLayerPerceptron_0`` (``Dense_{k}/kernel``, as e3nn's linen MLP); its
-    layer ``k`` is the Haiku module's ``multi_layer_perceptron/linear_{k}`` ``w``, and the
-    numbers are the Haiku module's for the same values.
+    submodule ``MultiLayerPerceptron_0`` (``Dense_{k}/kernel``, as e3nn's linen MLP, with
+    its initial values); its layer ``k`` is the Haiku module's
+    ``multi_layer_perceptron/linear_{k}`` ``w``, and the numbers are the Haiku module's for
+    the same values. Its last layer runs in the op (:class:`~e3kernels.ops.RadialWeights`):
+    the ``(E, msg.irreps.num_irreps)`` ``mix`` is never formed either.
 
     Fields: ``target_irreps`` (the irreps the messages keep, multiplicities ignored),
     ``avg_num_neighbors`` (the sum over edges is divided by it), ``radial_neurons`` (the
@@ -249,9 +253,12 @@ class MessagePassingConvolution(nn.Module):
         """Returns an ``IrrepsArray`` ``(N, irreps_out)``: per message irrep, ``C`` channels
         per tensor product path (e3nn's layout)."""
 
-        def edge_weights(num_outputs: int) -> jax.Array:
+        def edge_weights(num_outputs: int) -> ops.RadialWeights:
+            # the last layer is fused into the op: the (E, num_outputs) weights never exist.
+            # Named as the MultiLayerPerceptron it replaces (same parameters)
             neurons = _layers.check_radial_options(self.radial_neurons) + (num_outputs,)
-            mlp = MultiLayerPerceptron(neurons, self.activation, output_activation=False)
+            mlp = _RadialNetwork(neurons, self.activation, output_activation=False,
+                                 name="MultiLayerPerceptron_0")
             return mlp(radial_embedding)
 
         return _layers.message_passing_convolution(
@@ -259,3 +266,37 @@ class MessagePassingConvolution(nn.Module):
             _layers.checked_avg_num_neighbors(self.avg_num_neighbors),
             node_feats, edge_sh, senders, receivers, edge_weights, self.backend,
         )
+
+
+class _RadialNetwork(MultiLayerPerceptron):
+    """The radial network's output ``hidden @ matrix`` as its two factors, for the op to
+    fuse (:class:`~e3kernels.ops.RadialWeights`): ``hidden`` ``(E, H)``, the last hidden
+    layer by e3nn-jax's own ``MultiLayerPerceptron`` on the hidden layers (sharing this
+    module's scope), and ``matrix`` ``(H, outputs)``, the last layer's kernel times its
+    normalisation. Its parameters are the MLP's (``Dense_{k}/kernel``, the same names,
+    shapes, dtypes and initialisers, so the same initial values)."""
+
+    @nn.compact
+    def __call__(self, x) -> ops.RadialWeights:
+        assert self.output_activation is False and not self.with_bias, "a linear last layer"
+        *hidden_neurons, num_outputs = self.list_neurons
+        # every layer activated (output_activation=True: self.act), parameters Dense_0...
+        hidden_layers = e3nn_flax.MultiLayerPerceptron(
+            tuple(hidden_neurons), self.act, self.gradient_normalization, output_activation=True)
+        nn.share_scope(self, hidden_layers)
+        hidden = hidden_layers(x)
+        hidden = hidden.array if isinstance(hidden, e3nn.IrrepsArray) else hidden
+        alpha = 1 / hidden.shape[-1]
+        gradient_normalization = parse_gradient_normalization(self.gradient_normalization)
+        kernel = _DenseKernel(name=f"Dense_{len(hidden_neurons)}")(
+            (hidden.shape[-1], num_outputs), hidden.dtype,
+            nn.initializers.normal(stddev=jnp.sqrt(alpha) ** (1.0 - gradient_normalization)))
+        return ops.RadialWeights(hidden, jnp.sqrt(alpha) ** gradient_normalization * kernel)
+
+
+class _DenseKernel(nn.Module):
+    """The ``kernel`` of an ``nn.Dense`` (same name, shape, dtype and initialiser), unapplied."""
+
+    @nn.compact
+    def __call__(self, shape, dtype, init):
+        return self.param("kernel", init, shape, dtype)

@@ -270,16 +270,43 @@ class MultiLayerPerceptron(nnx.Module):
         """``x`` of shape ``(..., irreps_in)``, a raw array or an ``IrrepsArray`` of scalars
         (then the output is one too)."""
         is_irreps_array = isinstance(x, e3nn.IrrepsArray)
-        if is_irreps_array:
+        x = self._hidden(x)
+        if len(self.layers):  # no layers: the identity
+            last = self.layers[-1]
+            x = self._scale(last) * last(x)
+            if self.output_act is not None:
+                x = self.output_act(x)
+        return e3nn.IrrepsArray(f"{x.shape[-1]}x0e", x) if is_irreps_array else x
+
+    def _scale(self, layer: nnx.Linear):
+        """The forward pass's normalisation of ``layer``'s output (``"path"``: ``1/sqrt(fan_in)``)."""
+        return np.sqrt(1 / layer.in_features) ** self.gradient_normalization
+
+    def _hidden(self, x) -> jax.Array:
+        """The last hidden layer, after its activation: every layer but the last (``x`` the
+        raw array or ``IrrepsArray`` of scalars ``__call__`` takes)."""
+        if isinstance(x, e3nn.IrrepsArray):
             if not x.irreps.is_scalar():
                 raise ValueError(f"MultiLayerPerceptron: x must be scalars (0e); got irreps {x.irreps}")
             x = x.array
-        for k, layer in enumerate(self.layers):
-            x = np.sqrt(1 / layer.in_features) ** self.gradient_normalization * layer(x)
-            activation = self.act if k < len(self.layers) - 1 else self.output_act
-            if activation is not None:
-                x = activation(x)
-        return e3nn.IrrepsArray(f"{x.shape[-1]}x0e", x) if is_irreps_array else x
+        for layer in self.layers[:-1]:
+            x = self._scale(layer) * layer(x)
+            if self.act is not None:
+                x = self.act(x)
+        return x
+
+    def _last_layer_factors(self, x) -> tuple[jax.Array, jax.Array]:
+        """``self(x)`` (as a raw array) as ``hidden @ matrix``, unformed: ``hidden``
+        ``(..., H)`` the last hidden layer, ``matrix`` ``(H, outputs)`` the last layer's
+        kernel times its normalisation, both in the dtype the last layer computes in (for
+        :class:`e3kernels.ops.RadialWeights`). Only a linear last layer without bias
+        factors (the convolution's radial network is one)."""
+        last = self.layers[-1] if len(self.layers) else None
+        if last is None or self.output_act is not None or last.bias is not None:
+            raise ValueError("MultiLayerPerceptron: only a last layer without output activation and "
+                             "without bias factors into hidden @ matrix")
+        hidden, kernel, _ = last.promote_dtype((self._hidden(x), last.kernel[...], None), dtype=last.dtype)
+        return hidden, self._scale(last) * kernel
 
 
 class BatchNorm(nnx.Module):
@@ -521,7 +548,9 @@ class MessagePassingConvolution(nnx.Module):
     ``self.radial_mlp`` (converted to and from the Haiku module's
     ``multi_layer_perceptron/linear_{k}`` and the linen module's
     ``MultiLayerPerceptron_0/Dense_{k}`` by :func:`~e3kernels.nnx.load_haiku` and the
-    others). ``self.irreps_out`` is the output's irreps, for the modules that follow.
+    others). Its last layer runs in the op (:class:`~e3kernels.ops.RadialWeights`): the
+    ``(E, msg.irreps.num_irreps)`` ``mix`` is never formed either. ``self.irreps_out`` is
+    the output's irreps, for the modules that follow.
 
     Args:
       irreps_in: the node features' irreps, the same nonzero multiplicity (channels) for each
@@ -631,9 +660,12 @@ class MessagePassingConvolution(nnx.Module):
             self.param_dtype)
         node_feats, edge_sh = node_feats.astype(dtype), edge_sh.astype(dtype)
 
-        def edge_weights(num_outputs: int) -> jax.Array:
-            # num_outputs is self.num_radial_outputs: the irreps were checked above
-            return self.radial_mlp(radial_embedding.astype(dtype)).astype(dtype)
+        def edge_weights(num_outputs: int) -> ops.RadialWeights:
+            # num_outputs is self.num_radial_outputs: the irreps were checked above. The
+            # radial network's last layer is fused into the op: the (E, num_outputs)
+            # weights never exist
+            hidden, matrix = self.radial_mlp._last_layer_factors(radial_embedding.astype(dtype))
+            return ops.RadialWeights(hidden.astype(dtype), matrix.astype(dtype))
 
         return _layers.message_passing_convolution(
             self.target_irreps, self.avg_num_neighbors, node_feats, edge_sh, senders, receivers,
