@@ -11,8 +11,8 @@ gives each part of a model its share.
 What it counts, and what it does not:
 
 * the time of leaf instructions (a ``while``, ``conditional`` or ``call`` event spans its
-  body's events, which are counted instead), summed over threads: where XLA runs two
-  instructions at once, both count, so shares are of busy time, not of the wall clock;
+  body's events, which are counted instead), less the profiler's own per-event cost
+  (:func:`instruction_seconds`), so that the parts sum to the untraced run time;
 * a fusion counts in full for one part: that of the contraction it contains, if any, else
   that of its root instruction (XLA fuses across parts only at their boundaries, mostly
   elementwise work);
@@ -25,9 +25,11 @@ import collections
 import glob
 import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import jax
+import numpy as np
 
 #: the parts of a MACE step, in the order of the tables and charts
 MACE_PARTS = (
@@ -106,12 +108,23 @@ def instructions(compiled) -> dict[str, tuple[str, str]]:
 
 
 def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]:
-    """Seconds per run spent in each leaf HLO instruction of ``compiled(*args)``, from a
-    profiler trace of ``runs`` runs (after one untraced run)."""
+    """Seconds per run spent in each leaf HLO instruction of ``compiled(*args)``.
+
+    From a profiler trace of ``runs`` runs, corrected for what tracing adds: recording an
+    event costs the profiler about as much as a small loop iteration's work (a loop of
+    10 ns iterations records 400 ns events here), so a program of many small loop steps
+    runs ten times slower traced. Every event's duration, less one per-event cost ``k``,
+    counts (never below zero); ``k`` is fitted so that the events sum to the untraced run
+    time, timed right before (events that overlap on several threads are shaved alike).
+    """
     from jax.profiler import ProfileData
 
     known = instructions(compiled)
     jax.block_until_ready(compiled(*args))
+    start = time.perf_counter()
+    for _ in range(runs):
+        jax.block_until_ready(compiled(*args))
+    untraced = (time.perf_counter() - start) / runs * 1e9
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder)
         try:
@@ -125,21 +138,38 @@ def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]
         profile = ProfileData.from_file(traces[0])
     lines = [line for plane in profile.planes for line in plane.lines]
     device_lines = [line for line in lines if line.name == "XLA Ops"]
-    nanoseconds: collections.Counter = collections.Counter()
+    names, durations = [], []
     for line in device_lines or lines:
         for event in line.events:
             opcode = known.get(event.name, (None,))[0]
             if opcode is not None and opcode not in _CONTROL_FLOW:
-                nanoseconds[event.name] += event.duration_ns
-    if not nanoseconds:
+                names.append(event.name)
+                durations.append(event.duration_ns)
+    if not names:
         raise RuntimeError("breakdown: the profiler trace names none of the program's instructions")
+    durations = np.asarray(durations, np.float64)
+    k = _per_event_cost(durations, untraced * runs)
+    nanoseconds: collections.Counter = collections.Counter()
+    for name, value in zip(names, np.maximum(durations - k, 0.0)):
+        nanoseconds[name] += value
     return {name: ns / runs / 1e9 for name, ns in nanoseconds.items()}
+
+
+def _per_event_cost(durations: np.ndarray, total: float) -> float:
+    """The ``k >= 0`` with ``sum(max(durations - k, 0)) == total`` (0 if already below)."""
+    if durations.sum() <= total:
+        return 0.0
+    low, high = 0.0, float(durations.max())
+    for _ in range(60):  # bisection: the sum decreases in k
+        k = (low + high) / 2
+        low, high = (k, high) if np.maximum(durations - k, 0.0).sum() > total else (low, k)
+    return (low + high) / 2
 
 
 def breakdown(compiled, args: Sequence, part: Callable[[str], str] = mace_part,
               parts: Sequence[str] = MACE_PARTS, runs: int = 5) -> dict[str, float]:
     """Seconds per run of ``compiled(*args)`` in each of ``parts``, each instruction
-    assigned by ``part(name_stack)``."""
+    assigned by ``part(name_stack)``; they sum to the untraced run time."""
     known = instructions(compiled)
     seconds = dict.fromkeys(parts, 0.0)
     for name, value in instruction_seconds(compiled, args, runs).items():
@@ -149,7 +179,7 @@ def breakdown(compiled, args: Sequence, part: Callable[[str], str] = mace_part,
 
 def table(rows: dict[tuple[str, str], dict[str, float]], parts: Sequence[str] = MACE_PARTS) -> str:
     """A Markdown table: per (candidate, mode), ms per run and share of each part."""
-    header = "| candidate | mode | " + " | ".join(parts) + " | busy ms |"
+    header = "| candidate | mode | " + " | ".join(parts) + " | run ms |"
     lines = [header, "|" + "---|" * (len(parts) + 3)]
     for (candidate, mode), seconds in rows.items():
         total = sum(seconds.values())

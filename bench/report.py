@@ -68,8 +68,8 @@ def table(result) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
     profiled = {(m.candidate, m.mode): m.breakdown for m in result["measured"] if m.breakdown}
     if profiled:
-        lines += ["", "Where the time goes (XLA's per-instruction accounting, busy ms per run and share; "
-                  "see bench/breakdown.py):", "", breakdown.table(profiled)]
+        lines += ["", "Where the time goes (XLA's per-instruction accounting: ms per run and share, "
+                  "summing to the run time; see bench/breakdown.py):", "", breakdown.table(profiled)]
     errors = [f"- {m.candidate} {m.mode}: {m.error}" for m in result["measured"] if m.error]
     if errors:
         lines += ["", "Failures:"] + errors
@@ -131,7 +131,7 @@ def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | Non
 
 
 def _breakdown_chart(ax, result) -> None:
-    """Stacked bars: each profiled candidate and mode's busy ms per run, by part."""
+    """Stacked bars: each profiled candidate and mode's ms per run, by part."""
     profiled = [m for m in result["measured"] if m.breakdown]
     if not profiled:
         ax.axis("off")
@@ -146,5 +146,5 @@ def _breakdown_chart(ax, result) -> None:
         ax.text(total, y, f" {total:.0f}", va="center", fontsize=7)
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_xlabel("busy ms per run, by part (bench/breakdown.py)")
+    ax.set_xlabel("ms per run, by part (bench/breakdown.py)")
     ax.legend(fontsize=6, loc="lower right")
