@@ -12,7 +12,8 @@ What it counts, and what it does not:
 
 * the time of leaf instructions (a ``while``, ``conditional`` or ``call`` event spans its
   body's events, which are counted instead), less the profiler's own per-event cost
-  (:func:`instruction_seconds`), so that the parts sum to the untraced run time;
+  (:func:`instruction_seconds`), so that the parts sum to the untraced run time (times
+  the overlap, where XLA runs instructions on several threads at once);
 * a fusion counts in full for one part: that of the contraction it contains, if any, else
   that of its root instruction (XLA fuses across parts only at their boundaries, mostly
   elementwise work);
@@ -22,6 +23,7 @@ What it counts, and what it does not:
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import re
 import tempfile
@@ -115,7 +117,10 @@ def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]
     10 ns iterations records 400 ns events here), so a program of many small loop steps
     runs ten times slower traced. Every event's duration, less one per-event cost ``k``,
     counts (never below zero); ``k`` is fitted so that the events sum to the untraced run
-    time, timed right before (events that overlap on several threads are shaved alike).
+    time, timed right before, times the trace's overlap (the events' total over the time
+    they cover: work XLA ran on several threads at once, which is not the profiler's cost).
+    Only events in loop bodies are corrected: the others are few and long, and one ``k``
+    taken off a program's few long events would wipe out its many short ones.
     """
     from jax.profiler import ProfileData
 
@@ -138,21 +143,64 @@ def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]
         profile = ProfileData.from_file(traces[0])
     lines = [line for plane in profile.planes for line in plane.lines]
     device_lines = [line for line in lines if line.name == "XLA Ops"]
-    names, durations = [], []
+    names, starts, durations = [], [], []
     for line in device_lines or lines:
         for event in line.events:
             opcode = known.get(event.name, (None,))[0]
             if opcode is not None and opcode not in _CONTROL_FLOW:
                 names.append(event.name)
+                starts.append(event.start_ns)
                 durations.append(event.duration_ns)
     if not names:
         raise RuntimeError("breakdown: the profiler trace names none of the program's instructions")
     durations = np.asarray(durations, np.float64)
-    k = _per_event_cost(durations, untraced * runs)
+    # events on several threads at once are work done in parallel, not the profiler's
+    # cost: the target keeps the trace's overlap (event time over the time under events)
+    overlap = durations.sum() / _covered(np.asarray(starts, np.float64), durations)
+    # the profiler's cost matters where events are many and small: in loop bodies
+    looped = np.array([name in _in_loops(compiled) for name in names])
+    fixed = durations[~looped].sum()
+    k = _per_event_cost(durations[looped], max(untraced * runs * overlap - fixed, 0.0))
+    corrected = np.where(looped, np.maximum(durations - k, 0.0), durations)
     nanoseconds: collections.Counter = collections.Counter()
-    for name, value in zip(names, np.maximum(durations - k, 0.0)):
+    for name, value in zip(names, corrected):
         nanoseconds[name] += value
     return {name: ns / runs / 1e9 for name, ns in nanoseconds.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _in_loops(compiled) -> frozenset[str]:
+    """The instructions of ``compiled`` inside a ``while`` loop's body or condition."""
+    computation_of, caller, opcode = {}, {}, {}
+    computation = None
+    for line in compiled.as_text().splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            computation_of[match.group(1)], opcode[match.group(1)] = computation, match.group(2)
+            for groups in _CALLEES.findall(line):
+                for callee in re.findall(r"[\w.\-]+", " ".join(groups)):
+                    caller.setdefault(callee, match.group(1))
+
+    def looped(name: str, depth: int = 0) -> bool:
+        parent = caller.get(computation_of[name])
+        if parent is None or depth > 64:
+            return False
+        return opcode[parent] == "while" or looped(parent, depth + 1)
+
+    return frozenset(name for name in opcode if looped(name))
+
+
+def _covered(starts: np.ndarray, durations: np.ndarray) -> float:
+    """The length of the union of the intervals ``[start, start + duration)``."""
+    order = np.argsort(starts)
+    starts, ends = starts[order], (starts + durations)[order]
+    reach = np.maximum.accumulate(ends)
+    gaps = np.maximum(starts[1:] - reach[:-1], 0.0)  # uncovered time before each interval
+    return float(reach[-1] - starts[0] - gaps.sum())
 
 
 def _per_event_cost(durations: np.ndarray, total: float) -> float:
@@ -169,7 +217,8 @@ def _per_event_cost(durations: np.ndarray, total: float) -> float:
 def breakdown(compiled, args: Sequence, part: Callable[[str], str] = mace_part,
               parts: Sequence[str] = MACE_PARTS, runs: int = 5) -> dict[str, float]:
     """Seconds per run of ``compiled(*args)`` in each of ``parts``, each instruction
-    assigned by ``part(name_stack)``; they sum to the untraced run time."""
+    assigned by ``part(name_stack)``: work time, which sums to the untraced run time where
+    XLA runs one instruction at a time (more where it overlaps them)."""
     known = instructions(compiled)
     seconds = dict.fromkeys(parts, 0.0)
     for name, value in instruction_seconds(compiled, args, runs).items():
@@ -179,7 +228,7 @@ def breakdown(compiled, args: Sequence, part: Callable[[str], str] = mace_part,
 
 def table(rows: dict[tuple[str, str], dict[str, float]], parts: Sequence[str] = MACE_PARTS) -> str:
     """A Markdown table: per (candidate, mode), ms per run and share of each part."""
-    header = "| candidate | mode | " + " | ".join(parts) + " | run ms |"
+    header = "| candidate | mode | " + " | ".join(parts) + " | work ms |"
     lines = [header, "|" + "---|" * (len(parts) + 3)]
     for (candidate, mode), seconds in rows.items():
         total = sum(seconds.values())

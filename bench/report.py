@@ -68,8 +68,9 @@ def table(result) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
     profiled = {(m.candidate, m.mode): m.breakdown for m in result["measured"] if m.breakdown}
     if profiled:
-        lines += ["", "Where the time goes (XLA's per-instruction accounting: ms per run and share, "
-                  "summing to the run time; see bench/breakdown.py):", "", breakdown.table(profiled)]
+        lines += ["", "Where the time goes (XLA's per-instruction accounting: work ms per run and share; "
+                  "they sum to the run time, more where threads overlap; see bench/breakdown.py):",
+                  "", breakdown.table(profiled)]
     errors = [f"- {m.candidate} {m.mode}: {m.error}" for m in result["measured"] if m.error]
     if errors:
         lines += ["", "Failures:"] + errors
@@ -131,7 +132,7 @@ def chart(results, path: Path, machine: dict, quick: bool = False) -> Path | Non
 
 
 def _breakdown_chart(ax, result) -> None:
-    """Stacked bars: each profiled candidate and mode's ms per run, by part."""
+    """Stacked bars: each profiled candidate and mode's work ms per run, by part."""
     profiled = [m for m in result["measured"] if m.breakdown]
     if not profiled:
         ax.axis("off")
@@ -146,5 +147,5 @@ def _breakdown_chart(ax, result) -> None:
         ax.text(total, y, f" {total:.0f}", va="center", fontsize=7)
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_xlabel("ms per run, by part (bench/breakdown.py)")
+    ax.set_xlabel("work ms per run, by part (bench/breakdown.py)")
     ax.legend(fontsize=6, loc="lower right")
