@@ -68,13 +68,11 @@ def mace_part(name_stack: str) -> str:
     return "rest"
 
 
-def instructions(compiled) -> dict[str, tuple[str, str]]:
-    """Every HLO instruction of ``compiled`` (a ``jax.stages.Compiled``): name ->
-    (opcode, JAX name stack). A fusion that contains a contraction (``dot``,
-    ``convolution``) takes the contraction's, its cost (its own is its root's, often an
-    elementwise consumer). An instruction without one (a loop counter's copy, a layout
-    copy) takes that of the instruction that calls its computation (the loop), or "" at
-    the top level."""
+@functools.lru_cache(maxsize=8)
+def _parsed(compiled):
+    """Per HLO instruction of ``compiled``'s text: opcode, own name stack ("" if none) and
+    computation; per computation, the instruction that calls it and its first contraction's
+    name stack; per instruction, the computations it calls."""
     opcode, stack, computation_of, caller, callees, contraction = {}, {}, {}, {}, {}, {}
     computation = None
     for line in compiled.as_text().splitlines():
@@ -95,6 +93,17 @@ def instructions(compiled) -> dict[str, tuple[str, str]]:
             for callee in re.findall(r"[\w.\-]+", " ".join(groups)):
                 caller.setdefault(callee, name)
                 callees.setdefault(name, []).append(callee)
+    return opcode, stack, computation_of, caller, callees, contraction
+
+
+def instructions(compiled) -> dict[str, tuple[str, str]]:
+    """Every HLO instruction of ``compiled`` (a ``jax.stages.Compiled``): name ->
+    (opcode, JAX name stack). A fusion that contains a contraction (``dot``,
+    ``convolution``) takes the contraction's, its cost (its own is its root's, often an
+    elementwise consumer). An instruction without one (a loop counter's copy, a layout
+    copy) takes that of the instruction that calls its computation (the loop), or "" at
+    the top level."""
+    opcode, stack, computation_of, caller, callees, contraction = _parsed(compiled)
 
     def resolved(name: str, depth: int = 0) -> str:
         if opcode[name] == "fusion":  # a fused contraction is what the fusion costs
@@ -158,7 +167,8 @@ def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]
     # cost: the target keeps the trace's overlap (event time over the time under events)
     overlap = durations.sum() / _covered(np.asarray(starts, np.float64), durations)
     # the profiler's cost matters where events are many and small: in loop bodies
-    looped = np.array([name in _in_loops(compiled) for name in names])
+    in_loops = _in_loops(compiled)
+    looped = np.array([name in in_loops for name in names])
     fixed = durations[~looped].sum()
     k = _per_event_cost(durations[looped], max(untraced * runs * overlap - fixed, 0.0))
     corrected = np.where(looped, np.maximum(durations - k, 0.0), durations)
@@ -168,22 +178,9 @@ def instruction_seconds(compiled, args: Sequence, runs: int) -> dict[str, float]
     return {name: ns / runs / 1e9 for name, ns in nanoseconds.items()}
 
 
-@functools.lru_cache(maxsize=8)
 def _in_loops(compiled) -> frozenset[str]:
     """The instructions of ``compiled`` inside a ``while`` loop's body or condition."""
-    computation_of, caller, opcode = {}, {}, {}
-    computation = None
-    for line in compiled.as_text().splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            computation = header.group(1)
-            continue
-        match = _INSTRUCTION.match(line)
-        if match:
-            computation_of[match.group(1)], opcode[match.group(1)] = computation, match.group(2)
-            for groups in _CALLEES.findall(line):
-                for callee in re.findall(r"[\w.\-]+", " ".join(groups)):
-                    caller.setdefault(callee, match.group(1))
+    opcode, _, computation_of, caller, _, _ = _parsed(compiled)
 
     def looped(name: str, depth: int = 0) -> bool:
         parent = caller.get(computation_of[name])

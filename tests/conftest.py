@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import core as jax_core
+
+from e3kernels import dispatch
 
 # tests/gpu run the kernels for real on a CUDA GPU, through `make gpu-check`; CI has no GPU
 collect_ignore = [] if os.environ.get("E3KERNELS_GPU_TESTS") else ["gpu"]
@@ -185,3 +188,20 @@ def check_pair(ours_fn, theirs_fn, args, x_argnum=-1, second_order=True, rtol=RT
         gg_theirs = jax.jit(jax.grad(second(theirs), argnums=(0, 1)))(params, x)
         assert_trees_close(gg_ours, gg_theirs, 10 * rtol, 10 * atol)
     return params
+
+
+def shapes_outside_the_op(fn, *args):
+    """The shapes of the intermediates of ``fn``'s program, nested programs included, but
+    those inside the op (its ``e3kernels_call`` equations)."""
+    shapes = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is dispatch.call_p:
+                continue
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes

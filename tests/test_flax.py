@@ -12,11 +12,9 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import assert_close, assert_trees_close, tree_sum_squares
-from jax._src import core as jax_core
+from conftest import assert_close, assert_trees_close, shapes_outside_the_op, tree_sum_squares
 
 import e3kernels
-from e3kernels import dispatch
 
 KEY = jax.random.PRNGKey(0)
 
@@ -344,23 +342,6 @@ class E3nnConvolution(nn.Module):
                                              output_activation=False)(radial)
         out = e3nn.scatter_sum(msg * mix, dst=receivers, output_size=node_feats.shape[0])
         return out / self.avg_num_neighbors
-
-
-def shapes_outside_the_op(fn, *args):
-    """The shapes of the intermediates of ``fn``'s program, nested programs included, but
-    those inside the op (its ``e3kernels_call`` equations)."""
-    shapes = set()
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive is dispatch.call_p:
-                continue
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for sub in jax_core.jaxprs_in_params(eqn.params):
-                visit(sub)
-
-    visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
 
 
 def test_message_passing_convolution_fuses_the_radial_networks_last_layer():

@@ -13,12 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close, assert_trees_close
+from conftest import assert_close, assert_trees_close, shapes_outside_the_op
 from flax import nnx
-from jax._src import core as jax_core
 
 import e3kernels
-from e3kernels import dispatch
 
 KEY = jax.random.PRNGKey(0)
 SPECIES, CHANNELS, ATOMS = 3, 4, 12
@@ -542,23 +540,6 @@ def test_message_passing_convolution_bfloat16():
     assert y.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(y.array)))
     assert_close(y16.array.astype(jnp.float32), y, 0, 0.05 * scale)
-
-
-def shapes_outside_the_op(fn, *args):
-    """The shapes of the intermediates of ``fn``'s program, nested programs included, but
-    those inside the op (its ``e3kernels_call`` equations)."""
-    shapes = set()
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive is dispatch.call_p:
-                continue
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for sub in jax_core.jaxprs_in_params(eqn.params):
-                visit(sub)
-
-    visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
 
 
 def test_message_passing_convolution_fuses_the_radial_networks_last_layer():
