@@ -69,7 +69,10 @@ MILLION = 1_000_000
 #: the names our pallas_calls give their kernels
 KERNEL_NAMES = ("indexed_linear_gpu", "indexed_linear_weight_grad_gpu", "sparse_polynomial",
                 "sparse_row_reduction", "indexed_linear_tpu", "indexed_linear_weight_grad_tpu",
-                "convolution_node_partial", "convolution_weights_partial", "convolution_sh_partial")
+                "convolution_node_partial", "convolution_weights_partial", "convolution_sh_partial",
+                "convolution_hidden_partial", "convolution_matrix_partial")
+#: the radial network's last hidden layer in MACE (radial_MLP [64, 64, 64]): fused entries
+RADIAL_HIDDEN = 64
 #: and e3j's Mosaic convolution, compiled beside ours for the TPU targets (bench/peers.py)
 KERNEL_NAMES += peers.E3J_TPU_KERNEL_NAMES
 
@@ -138,7 +141,26 @@ def _entry_points() -> list[tuple[str, Callable, tuple]]:
                                            backend="pallas")
 
     entries += _three_orders("equivariant_convolution", convolve, (xc, per_edge, index), projection)
+    entries += _three_orders("equivariant_convolution fused radial", _fused_convolve(conv),
+                             (xc, _radial_inputs(conv, edges), index), projection)
     return entries + _million_entries() + _mace_entries()
+
+
+def _radial_inputs(conv, edges):
+    """``(sh, hidden, matrix)``: the weights as the radial network's last layer, fused."""
+    f32 = jnp.float32
+    return (jax.ShapeDtypeStruct((edges, conv.dim_sh), f32),
+            jax.ShapeDtypeStruct((edges, RADIAL_HIDDEN), f32),
+            jax.ShapeDtypeStruct((RADIAL_HIDDEN, conv.num_paths * CHANNELS), f32))
+
+
+def _fused_convolve(conv):
+    def convolve(x, radial, index):
+        sh, hidden, matrix = radial
+        return ops.equivariant_convolution(x, sh, ops.RadialWeights(hidden, matrix), *index, conv,
+                                           avg_num_neighbors=30.0, backend="pallas")
+
+    return convolve
 
 
 def _million_entries():
@@ -175,6 +197,8 @@ def _million_entries():
         return ops.symmetric_contraction(x, w, plan, indices=i, backend="pallas")
 
     return (_two_orders("equivariant_convolution 1M edges", convolve, (x, per_edge, index))
+            + _two_orders("equivariant_convolution fused radial 1M edges", _fused_convolve(conv),
+                          (x, _radial_inputs(conv, MILLION), index))
             + _two_orders("indexed_linear 1M rows", apply, (rows, weights, species))
             + _two_orders("symmetric_contraction 1M rows", contract, (xs, ws, species)))
 

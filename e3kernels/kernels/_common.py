@@ -84,8 +84,10 @@ def lane_padded(num_channels: int) -> int:
     return cdiv(num_channels, LANES) * LANES
 
 
-def dot(a, b, precision: lax.Precision, contract_rows: bool = False, split_high: bool = False):
-    """``a @ b`` (``a.T @ b`` with ``contract_rows``) accumulated in float32.
+def dot(a, b, precision: lax.Precision, contract_rows: bool = False, split_high: bool = False,
+        contract_columns: bool = False):
+    """``a @ b`` (``a.T @ b`` with ``contract_rows``, ``a @ b.T`` with ``contract_columns``)
+    accumulated in float32.
 
     Float32 operands multiply at ``precision`` (JAX's contract); 16-bit operands multiply
     in their own dtype, where precision has no meaning. ``split_high`` computes ``HIGH``
@@ -94,7 +96,7 @@ def dot(a, b, precision: lax.Precision, contract_rows: bool = False, split_high:
     """
     dtype = jnp.promote_types(a.dtype, b.dtype)
     a, b = a.astype(dtype), b.astype(dtype)
-    dims = (((0,), (0,)) if contract_rows else ((1,), (0,)), ((), ()))
+    dims = (((0,), (0,)) if contract_rows else ((1,), (1,)) if contract_columns else ((1,), (0,)), ((), ()))
     if dtype != jnp.float32:
         return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
     if split_high and precision == lax.Precision.HIGH:

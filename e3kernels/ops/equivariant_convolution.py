@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from e3kernels import backend as _backend
-from e3kernels.grouping import edge_in_range
 from e3kernels.irreps import ConvolutionPlan
 from e3kernels.ops._checks import check_array, check_indices_in_range
+from e3kernels.ops.indexed_linear import matmul_precision
 from e3kernels.reference import equivariant_convolution as _reference
 
 OP = "equivariant_convolution"
@@ -41,6 +41,7 @@ def equivariant_convolution(
     *,
     avg_num_neighbors: float = 1.0,
     backend: str | None = None,
+    precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
     r"""Gather, channelwise tensor product with the edges' spherical harmonics, per-edge
     weights, scatter-sum: for every node ``r``, channel ``c`` and output column ``q``
@@ -74,8 +75,8 @@ def equivariant_convolution(
         last layer, so that the reference forms the weights one block of edges at a time
         (the ``(E, P, C)`` array never exists) and differentiates in ``hidden`` and
         ``matrix`` directly: ``d/d matrix`` sums over edges, deterministically like the
-        node sums. The Pallas kernels take the weights formed (``hidden @ matrix``, one
-        XLA matmul) and do not fuse them yet.
+        node sums. The Pallas kernels form a tile's weights in registers or VMEM (a
+        tensor-core or MXU matmul per path): no ``(E, P, C)`` array on any backend.
       senders, receivers: ``(E,)`` integer node indices of each edge. Concrete
         out-of-range indices raise; traced ones drop the edge: it contributes exactly
         nothing, to the output and to every derivative, even where its ``sh`` or
@@ -85,11 +86,14 @@ def equivariant_convolution(
         (:func:`e3kernels.ops.convolution_plan`).
       avg_num_neighbors: the sum's normalisation.
       backend: ``"auto"``, ``"reference"``, ``"pallas"`` or ``None`` (current setting).
+      precision: of the fused radial weights' matmul ``hidden @ matrix`` and its
+        derivatives, as in :func:`jax.numpy.dot` (``None``: the
+        ``jax.default_matmul_precision`` in force, else ``DEFAULT``); the tensor product
+        itself has no matmul.
 
     Returns:
       ``(N, C, plan.dim_out)`` array of ``x``'s dtype. Products and sums run in float32
-      (float64 when an input is float64) on every backend; there is no matmul, so no
-      ``precision`` setting applies.
+      (float64 when an input is float64) on every backend.
 
     Under a sharded ``jax.jit`` with the edges split over devices, each device sums its
     own edges and the node sums are all-reduced once; the node features are replicated.
@@ -118,7 +122,7 @@ def equivariant_convolution(
     dtype = jnp.result_type(x, sh, weights.dtype)
     if radial is not None:
         return _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors,
-                                   backend, dtype)
+                                   backend, dtype, matmul_precision(precision))
     impl = _backend.select(
         OP,
         backend,
@@ -135,35 +139,17 @@ def equivariant_convolution(
     return impl(x, sh, weights, senders, receivers)
 
 
-def _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors, backend, dtype):
+def _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors, backend, dtype,
+                        precision):
     matrix = matrix.reshape(matrix.shape[0], plan.num_paths, x.shape[1])
-
-    def kernels():
-        implementations = _kernels().implementations(plan, avg_num_neighbors, dtype)
-        if isinstance(implementations, str):
-            return implementations
-
-        def formed(unfused):  # the kernels take the (E, P, C) weights: one matmul before them
-            def call(x, sh, hidden, matrix, senders, receivers):
-                # a dropped edge's hidden layer (NaN for padding) must not reach d/d matrix
-                counted = edge_in_range(senders, receivers, x.shape[0])
-                hidden = jnp.where(counted[:, None], hidden, 0)
-                weights = jnp.einsum("ek,kpc->epc", hidden, matrix, preferred_element_type=dtype)
-                return unfused(x, sh, weights.astype(dtype), senders, receivers)
-
-            return call
-
-        return {name: formed(unfused) if callable(unfused) else unfused
-                for name, unfused in implementations.items()}
-
     impl = _backend.select(
         OP,
         backend,
         functools.partial(_reference.radial_equivariant_convolution, plan=plan,
-                          avg_num_neighbors=avg_num_neighbors),
-        kernels,
+                          avg_num_neighbors=avg_num_neighbors, precision=precision),
+        lambda: _kernels().radial_implementations(plan, avg_num_neighbors, dtype, precision),
         jax.ShapeDtypeStruct(x.shape[:2] + (plan.dim_out,), x.dtype),
-        key=(plan, avg_num_neighbors, "radial"),
+        key=(plan, avg_num_neighbors, "radial", precision),
         row_axes=(None, 0, 0, None, 0, 0),  # split over edges; node sums and d/d matrix all-reduced
         out_row_axis=None,
         spaces=("node", "edge", "edge", "", "edge -> node", "edge -> node"),

@@ -107,10 +107,11 @@ def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: Convolu
 
 
 def radial_equivariant_convolution(x, sh, hidden, matrix, senders, receivers, *, plan: ConvolutionPlan,
-                                   avg_num_neighbors: float):
+                                   avg_num_neighbors: float, precision=None):
     """The op with fused radial weights (``weights[e] = hidden[e] @ matrix``, ``matrix``
-    ``(H, P, C)``) on the reference."""
-    return convolve(ReferencePartials(plan), x, sh, hidden, senders, receivers, avg_num_neighbors, matrix)
+    ``(H, P, C)``, multiplied at ``precision``) on the reference."""
+    return convolve(ReferencePartials(plan, precision), x, sh, hidden, senders, receivers, avg_num_neighbors,
+                    matrix)
 
 
 def convolve(partials: Partials, x, sh, weights, senders, receivers, avg_num_neighbors: float, matrix=None):
@@ -149,16 +150,17 @@ def has_no_work(args, senders, num_nodes: int) -> bool:
 
 
 class ReferencePartials:
-    """The form's partials over blocks of edges (see the module's docstring)."""
+    """The form's partials over blocks of edges (see the module's docstring); ``precision``:
+    of the fused radial weights' matmuls."""
 
-    def __init__(self, plan: ConvolutionPlan):
-        self.plan = plan
+    def __init__(self, plan: ConvolutionPlan, precision=None):
+        self.plan, self.precision = plan, precision
 
     def __hash__(self):
-        return hash((type(self), self.plan))
+        return hash((type(self), self.plan, self.precision))
 
     def __eq__(self, other):
-        return type(other) is type(self) and other.plan == self.plan
+        return type(other) is type(self) and (other.plan, other.precision) == (self.plan, self.precision)
 
     def __call__(self, which, out_dtype, args, senders, receivers, num_nodes):
         plan = self.plan
@@ -192,6 +194,7 @@ class ReferencePartials:
         path_of = jnp.asarray(plan.path_of_column)
         path_ranges = _path_ranges(plan.path_of_column)
         hi = jax.lax.Precision.HIGHEST
+        radial = dict(precision=self.precision, preferred_element_type=acc)
         # channels last, the axis every product runs along: (N, size, C)
         x_t = None if x is None else x.transpose(0, 2, 1)
         g_t = None if g is None else g.transpose(0, 2, 1)
@@ -209,7 +212,7 @@ class ReferencePartials:
             if not fused:
                 return e["w"]
             hidden = jnp.where(e["ok"][:, None], e["w"], 0)
-            return jnp.einsum("bk,kpc->bpc", hidden, matrix, preferred_element_type=acc)
+            return jnp.einsum("bk,kpc->bpc", hidden, matrix, **radial)
 
         def weights_partial(e):  # dF/dw of the block's edges: (B, P, C)
             v = product(folded(e), gather(x_t, e["s"])) * gather(g_t, e["r"])
@@ -219,7 +222,7 @@ class ReferencePartials:
             if which == MATRIX:  # sum over the block's edges of h (x) dF/dw
                 hidden = jnp.where(e["ok"][:, None], e["w"], 0)
                 partial = jnp.where(e["ok"][:, None, None], weights_partial(e), 0)
-                return jnp.einsum("bk,bpc->kpc", hidden, partial, preferred_element_type=acc)
+                return jnp.einsum("bk,bpc->kpc", hidden, partial, **radial)
             ok = e["ok"].reshape((-1,) + (1,) * (len(out_shape) - 1))
             value = jnp.where(ok, edge_values(e), 0)
             if which in (X, OUT):
@@ -234,7 +237,7 @@ class ReferencePartials:
                 return jnp.sum(folded(e)[:, :, :, None] * t[:, None, :, :], axis=2)
             if which == WEIGHTS:
                 if fused:  # dF/dh = dF/dw contracted with W
-                    return jnp.einsum("bpc,kpc->bk", weights_partial(e), matrix, preferred_element_type=acc)
+                    return jnp.einsum("bpc,kpc->bk", weights_partial(e), matrix, **radial)
                 return weights_partial(e)
             t = edge_weights(e)[:, path_of] * gather(g_t, e["r"])
             b = jnp.sum(gather(x_t, e["s"])[:, :, None, :] * t[:, None, :, :], axis=3)  # (B, i, q)
