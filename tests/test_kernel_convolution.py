@@ -28,7 +28,6 @@ from e3kernels import ops
 from e3kernels.kernels import equivariant_convolution as kernels
 from e3kernels.kernels.equivariant_convolution._columns import column_terms
 from e3kernels.reference import equivariant_convolution as reference
-from e3kernels.reference.equivariant_convolution import MATRIX
 
 STYLES = {
     "triton": kernels.TRITON_INTERPRET,
@@ -211,7 +210,8 @@ def test_fused_16_bit_inputs_accumulate_in_float32(style):
     highest = jax.default_matmul_precision("highest")
     with highest:
         expected = jax.jit(functools.partial(value_and_grads, formed_spec))(*as32)
-    for name, a, b in zip(("out", "x", "sh", "hidden", "matrix"), jax.tree.leaves(got), jax.tree.leaves(expected)):
+    names = ("out", "x", "sh", "hidden", "matrix")
+    for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(expected)):
         assert a.dtype == jnp.bfloat16, name
         assert_rounded_once(a, b, what=name)
 
@@ -255,7 +255,8 @@ def test_fused_lowers_at_mace_size_to_second_order(platform, config, marker):
     def loss(x, sh, h, matrix):
         def energy(x, sh):
             out = kernels.radial_equivariant_convolution(x, sh, h, matrix, *index, plan=MACE_PLAN,
-                                                         avg_num_neighbors=30.0, config=config, precision=None)
+                                                         config=config, avg_num_neighbors=30.0,
+                                                         precision=None)
             return jnp.sum(projection * out)
 
         gx, gsh = jax.grad(energy, argnums=(0, 1))(x, sh)
