@@ -33,6 +33,7 @@ import os
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
@@ -90,6 +91,8 @@ class Kernel:
     spill_store_bytes: int | None = None
     spill_load_bytes: int | None = None
     tensor_core_instructions: int | None = None
+    #: TPU: whether the Mosaic module has a matmul (``tpu.matmul``, which runs on the MXU)
+    mxu_matmul: bool | None = None
     #: the kernel's code as the compiler gets it: PTX bytes (GPU), serialized Mosaic module
     #: bytes (TPU)
     code_bytes: int | None = None
@@ -294,15 +297,18 @@ def tpu_target(name: str, device, entries, progress) -> list[Kernel]:
             continue
         found = _mosaic_kernels(compiled.as_text())
         if found:
-            kernels += [Kernel(name, entry, k, code_bytes=size, **figures) for k, size in found]
+            kernels += [Kernel(name, entry, k, code_bytes=size, mxu_matmul=mxu, **figures)
+                        for k, size, mxu in found]
         else:
             error = None if BASELINE in entry else "no kernel"
             kernels.append(Kernel(name, entry, "-", error=error, **figures))
     return kernels
 
 
-def _mosaic_kernels(hlo_text: str) -> list[tuple[str, int]]:
-    """``(name, serialized Mosaic module bytes)`` of each TPU custom call of ours."""
+def _mosaic_kernels(hlo_text: str) -> list[tuple[str, int, bool | None]]:
+    """``(name, serialized Mosaic module bytes, has an MXU matmul)`` of each TPU custom call of
+    ours. The module is MLIR bytecode, whose string table names each op kind it uses once:
+    ``matmul`` is there exactly when the kernel has a ``tpu.matmul``."""
     found = []
     for line in hlo_text.splitlines():
         if "tpu_custom_call" not in line:
@@ -310,7 +316,9 @@ def _mosaic_kernels(hlo_text: str) -> list[tuple[str, int]]:
         name = next((k for k in KERNEL_NAMES if re.search(rf"\b{k}\b", line)), None)
         body = re.search(r'"body":"([A-Za-z0-9+/=]*)"', line)  # the base64 Mosaic module
         if name is not None:
-            found.append((name, len(body.group(1)) * 3 // 4 if body else 0))
+            module = base64.b64decode(body.group(1)) if body else None
+            has_matmul = None if module is None else b"matmul" in module
+            found.append((name, len(module) if module else 0, has_matmul))
     return found
 
 
@@ -440,7 +448,7 @@ def _short(error: Exception) -> str:
 
 def table(kernels: list[Kernel]) -> str:
     header = ("| entry point | compile s | temporaries MB | kernel | grid | shared memory B | registers "
-              "| spill stores / loads B | tensor-core instrs | error |")
+              "| spill stores / loads B | tensor-core instrs (GPU) / MXU matmul (TPU) | error |")
     lines = [header, "|" + "---|" * 10]
     for k in kernels:
         spills = "-" if k.spill_store_bytes is None else f"{k.spill_store_bytes} / {k.spill_load_bytes}"
@@ -449,7 +457,7 @@ def table(kernels: list[Kernel]) -> str:
         lines.append(
             f"| {k.entry} | {seconds} | {temporaries} | {k.kernel} | {k.grid} | {_dash(k.shared_bytes)} "
             f"| {_dash(k.registers)} "
-            f"| {spills} | {_dash(k.tensor_core_instructions)} | {k.error or ''} |"
+            f"| {spills} | {_matmul_units(k)} | {k.error or ''} |"
         )
     return "\n".join(lines)
 
@@ -470,6 +478,12 @@ def entry_table(kernels: list[Kernel]) -> str:
         code = sum(k.code_bytes or 0 for k in ours) / 1e3
         lines.append(f"| {entry} | {seconds} | {temporaries} | {len(ours)} | {len(compiled)} | {code:.0f} |")
     return "\n".join(lines)
+
+
+def _matmul_units(k: Kernel) -> str:
+    if k.mxu_matmul is not None:
+        return "MXU" if k.mxu_matmul else "none"
+    return _dash(k.tensor_core_instructions)
 
 
 def _dash(value) -> str:
