@@ -235,6 +235,35 @@ def test_export_for_cuda_tpu_and_cpu():
     assert_close(restored.call(g.x, params, g.edges), spec_conv()(g.x, params, g.edges))
 
 
+def test_radial_weights_export_for_cuda_tpu_and_cpu():
+    """The gradient in ``hidden`` and ``matrix``: the fused kernels (dF/dh, dF/dW) for CUDA
+    and TPU in one exported program, the reference on CPU."""
+    g = Graph()
+    r = Radial(g)
+
+    def grads(hidden, matrix):
+        def energy(hidden, matrix):
+            return jnp.sum(jnp.sin(radial_conv("auto")(g.x, g.sh, hidden, matrix, g.edges)))
+
+        return jax.grad(energy, argnums=(0, 1))(hidden, matrix)
+
+    exported = export.export(
+        jax.jit(grads),
+        platforms=("cuda", "tpu", "cpu"),
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(r.hidden, r.matrix)
+    text = exported.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text and "tpu_custom_call" in text
+    assert "convolution_hidden_partial" in text and "convolution_matrix_partial" in text
+
+    def expected(hidden, matrix):
+        return jnp.sum(jnp.sin(formed_spec(g.x, g.sh, hidden, matrix, g.edges)))
+
+    restored = export.deserialize(exported.serialize())
+    want = jax.grad(expected, argnums=(0, 1))(r.hidden, r.matrix)
+    assert_trees_close(restored.call(r.hidden, r.matrix), want, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
 def test_16_bit_inputs_accumulate_in_float32(dtype, backend):
