@@ -2,8 +2,9 @@
 
 Each partial of the multilinear form against the reference's, at an odd size and at MACE's
 second interaction (4000 nodes, 120000 edges, 128 channels, l <= 3), the force-training
-gradient against the reference, bf16, and a timing report (printed with ``-s``). The
-reference has no matmul at default precision (its einsums run at ``HIGHEST``).
+gradient against the reference, bf16; the same for fused radial weights (64 hidden units).
+The reference's tensor product has no matmul at default precision (its einsums run at
+``HIGHEST``); the fused radial matmul follows the op's ``precision``.
 """
 
 from __future__ import annotations
@@ -84,3 +85,58 @@ def test_bfloat16():
         *(a.astype(jnp.float32) for a in (x, sh, w)), senders, receivers)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), rtol=2e-2, atol=2e-2)
+
+
+# ---- fused radial weights ----------------------------------------------------------------------
+
+HIDDEN = 64  # MACE's radial MLP [64, 64, 64]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("which", ["x", "sh", "hidden", "out", "matrix"])
+def test_fused_partials_match_the_reference(size, which):
+    """The five partials of the fused form, the weights formed per tile on tensor cores
+    (at ``HIGHEST``, IEEE float32 dots, to compare closely)."""
+    nodes, edges, channels = SIZES[size]
+    x, sh, _, g, senders, receivers = graph(nodes, edges, channels)
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.standard_normal((edges, HIDDEN)), jnp.float32)
+    matrix = jnp.asarray(rng.standard_normal((HIDDEN, MACE.num_paths, channels)) / 8, jnp.float32)
+    k = ("x", "sh", "hidden", "out", "matrix").index(which)
+    args = [x, sh, h, g, matrix]
+    args[k] = None
+    args = tuple(args)
+    highest = jax.lax.Precision.HIGHEST
+    partials_kernel = kernels.KernelPartials(MACE, kernels.TRITON, highest)
+    partials_reference = reference.ReferencePartials(MACE, highest)
+    ours = jax.jit(lambda a, s, r: partials_kernel(k, jnp.float32, a, s, r, nodes))
+    theirs = jax.jit(lambda a, s, r: partials_reference(k, jnp.float32, a, s, r, nodes))
+    got, expected = ours(args, senders, receivers), theirs(args, senders, receivers)
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_fused_force_training_gradient_at_mace_size():
+    """RadialWeights through the op, pallas against the reference, at the default (TF32)
+    precision of the radial matmul: the training gradient in x, sh, hidden and matrix."""
+    x, sh, _, _, senders, receivers = graph(*SIZES["mace"])
+    rng = np.random.default_rng(6)
+    h = jnp.asarray(rng.standard_normal((sh.shape[0], HIDDEN)), jnp.float32)
+    matrix = jnp.asarray(rng.standard_normal((HIDDEN, MACE.num_paths * x.shape[1])) / 8, jnp.float32)
+    projection = jax.random.normal(jax.random.PRNGKey(1), (x.shape[0], x.shape[1], MACE.dim_out))
+
+    def loss(backend):
+        def f(x, sh, h, matrix):
+            def energy(x, sh):
+                weights = ops.RadialWeights(h, matrix)
+                out = ops.equivariant_convolution(x, sh, weights, senders, receivers, MACE,
+                                                  avg_num_neighbors=30.0, backend=backend)
+                return jnp.sum(projection * out)
+
+            gx, gsh = jax.grad(energy, argnums=(0, 1))(x, sh)
+            return jnp.sum(jnp.sin(gx)) + jnp.sum(jnp.cos(gsh))
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+
+    got, expected = loss("pallas")(x, sh, h, matrix), loss("reference")(x, sh, h, matrix)
+    assert_trees_close(got, expected, rtol=2e-2, atol=2e-2)
