@@ -73,6 +73,25 @@ def _convolution():
     return f, args, 3, names
 
 
+def _fused_convolution():
+    """The same with fused radial weights (64 hidden units): the hidden and matrix partials."""
+    plan = ops.convolution_plan("0e + 1o", "0e + 1o + 2e + 3o", "0e + 1o + 2e + 3o")
+    nodes, channels, hidden = MILLION // 30, 128, 64
+    args = (jax.ShapeDtypeStruct((nodes, channels, plan.dim_in), f32),
+            jax.ShapeDtypeStruct((MILLION, plan.dim_sh), f32),
+            jax.ShapeDtypeStruct((MILLION, hidden), f32),
+            jax.ShapeDtypeStruct((hidden, plan.num_paths * channels), f32),
+            jax.ShapeDtypeStruct((MILLION,), jnp.int32), jax.ShapeDtypeStruct((MILLION,), jnp.int32))
+
+    def f(x, sh, h, matrix, senders, receivers):
+        return ops.equivariant_convolution(x, sh, ops.RadialWeights(h, matrix), senders, receivers, plan,
+                                           avg_num_neighbors=30.0, backend="pallas")
+
+    names = {"convolution_node_partial", "convolution_hidden_partial", "convolution_matrix_partial",
+             "convolution_sh_partial"}
+    return f, args, 4, names
+
+
 def _indexed_linear():
     plan = ops.linear_plan("128x0e + 128x1o", "128x0e + 128x1o")
     args = (jax.ShapeDtypeStruct((MILLION, plan.dim_in), f32),
@@ -98,8 +117,8 @@ def _symmetric_contraction():
     return f, args, 2, {"sparse_polynomial", "sparse_row_reduction"}
 
 
-OPS = {"convolution": _convolution, "indexed_linear": _indexed_linear,
-       "symmetric_contraction": _symmetric_contraction}
+OPS = {"convolution": _convolution, "fused convolution": _fused_convolution,
+       "indexed_linear": _indexed_linear, "symmetric_contraction": _symmetric_contraction}
 
 
 @pytest.mark.parametrize("op", OPS)
