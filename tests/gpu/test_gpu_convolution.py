@@ -49,13 +49,17 @@ def test_partials_match_the_reference(size, which):
     nodes, edges, channels = SIZES[size]
     x, sh, w, g, senders, receivers = graph(nodes, edges, channels)
     k = ("x", "sh", "weights", "out").index(which)
-    args = [x, sh, w, g]
-    args[k] = None
+    assert_partial_matches(k, [x, sh, w, g], senders, receivers, nodes)
+
+
+def assert_partial_matches(which: int, args: list, senders, receivers, nodes, precision=None):
+    """The Triton kernels' partial ``which`` of the form at ``args`` against the reference's."""
+    args[which] = None
     args = tuple(args)
-    partials_kernel = kernels.KernelPartials(MACE, kernels.TRITON)
-    partials_reference = reference.ReferencePartials(MACE)
-    ours = jax.jit(lambda a, s, r: partials_kernel(k, jnp.float32, a, s, r, nodes))
-    theirs = jax.jit(lambda a, s, r: partials_reference(k, jnp.float32, a, s, r, nodes))
+    partials_kernel = kernels.KernelPartials(MACE, kernels.TRITON, precision)
+    partials_reference = reference.ReferencePartials(MACE, precision)
+    ours = jax.jit(lambda a, s, r: partials_kernel(which, jnp.float32, a, s, r, nodes))
+    theirs = jax.jit(lambda a, s, r: partials_reference(which, jnp.float32, a, s, r, nodes))
     got, expected = ours(args, senders, receivers), theirs(args, senders, receivers)
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5 * scale)
@@ -103,17 +107,7 @@ def test_fused_partials_match_the_reference(size, which):
     h = jnp.asarray(rng.standard_normal((edges, HIDDEN)), jnp.float32)
     matrix = jnp.asarray(rng.standard_normal((HIDDEN, MACE.num_paths, channels)) / 8, jnp.float32)
     k = ("x", "sh", "hidden", "out", "matrix").index(which)
-    args = [x, sh, h, g, matrix]
-    args[k] = None
-    args = tuple(args)
-    highest = jax.lax.Precision.HIGHEST
-    partials_kernel = kernels.KernelPartials(MACE, kernels.TRITON, highest)
-    partials_reference = reference.ReferencePartials(MACE, highest)
-    ours = jax.jit(lambda a, s, r: partials_kernel(k, jnp.float32, a, s, r, nodes))
-    theirs = jax.jit(lambda a, s, r: partials_reference(k, jnp.float32, a, s, r, nodes))
-    got, expected = ours(args, senders, receivers), theirs(args, senders, receivers)
-    scale = float(jnp.max(jnp.abs(expected)))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5 * scale)
+    assert_partial_matches(k, [x, sh, h, g, matrix], senders, receivers, nodes, jax.lax.Precision.HIGHEST)
 
 
 def test_fused_force_training_gradient_at_mace_size():
