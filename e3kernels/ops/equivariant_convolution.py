@@ -25,6 +25,17 @@ class RadialWeights(NamedTuple):
       hidden: ``(E, H)`` the radial network's last hidden layer (after its activation).
       matrix: ``(H, P * C)`` its last weight matrix, normalisation included; column
         ``p * C + c`` is path ``p``, channel ``c``.
+
+    >>> import jax.numpy as jnp
+    >>> from e3kernels.ops import convolution_plan, equivariant_convolution
+    >>> plan = convolution_plan("0e + 1o", "0e + 1o", "0e + 1o")
+    >>> x, sh = jnp.ones((3, 4, plan.dim_in)), jnp.ones((2, plan.dim_sh))  # 3 nodes, 4 channels
+    >>> hidden, matrix = jnp.ones((2, 8)), jnp.full((8, plan.num_paths * 4), 0.125)
+    >>> senders, receivers = jnp.array([0, 1]), jnp.array([2, 2])
+    >>> fused = equivariant_convolution(x, sh, RadialWeights(hidden, matrix), senders, receivers, plan)
+    >>> weights = (hidden @ matrix).reshape(2, plan.num_paths, 4)  # what is never formed whole
+    >>> bool(jnp.allclose(fused, equivariant_convolution(x, sh, weights, senders, receivers, plan)))
+    True
     """
 
     hidden: jax.Array
