@@ -2,7 +2,8 @@ r"""Fused Pallas kernels for ``equivariant_convolution`` (GPU: Triton lowering, 
 
 The op and every derivative of it are partials of one multilinear form (see
 :mod:`e3kernels.reference.equivariant_convolution`, whose :func:`form_partial` wires the
-differentiation): the kernels implement the four partials, :class:`KernelPartials`.
+differentiation): the kernels implement the four partials (five with fused radial weights),
+:class:`KernelPartials`.
 
 * ``dF/dg`` (the convolution) and ``dF/dx``: *node partials*. The edges are sorted by the
   node they sum into (receivers, senders; :func:`e3kernels.grouping.group_rows`), and each
@@ -25,6 +26,9 @@ Arithmetic at MACE's second interaction (``0e+1o`` x ``0e+1o+2e+3o`` -> ``0e+1o+
 output columns written per node: HBM traffic is the gathered sender rows (16 B per
 channel), the weights (40 B per channel) and the spherical harmonics per edge, ~7 kB per
 edge, so ~2 FLOP per byte at 5000 edges: memory-bound, as the messages never reach HBM.
+Fused, an edge's weights (5 kB) become its hidden row (256 B at H = 64), for 2 * H * P * C
+more FLOP per edge (P = 10 paths) on tensor cores or the MXU: at 120,000 edges, ~20 GFLOP
+in place of ~1.2 GB of weights written and read.
 """
 
 from __future__ import annotations
