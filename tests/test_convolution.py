@@ -629,3 +629,6 @@ def test_radial_weights_bad_arguments():
         f(g.x, g.sh, r.hidden, r.matrix[:, :-1], g.edges)
     with pytest.raises(ValueError, match=op + r".hidden must have shape \(16, \?\)"):
         f(g.x, g.sh, r.hidden[:-1], r.matrix, g.edges)
+    with pytest.raises(ValueError, match="equivariant_convolution: precision must be None, 'default'"):
+        ops.equivariant_convolution(g.x, g.sh, ops.RadialWeights(r.hidden, r.matrix), *g.edges, PLAN,
+                                    precision="bogus")

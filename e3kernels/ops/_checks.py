@@ -39,3 +39,29 @@ def check_indices_in_range(op: str, argument: str, indices, num_indexed_weights:
             f"{op}: {argument} must lie in [0, {num_indexed_weights}) "
             f"({bound or f'num_indexed_weights={num_indexed_weights}'}); got values in [{low}, {high}]"
         )
+
+
+def matmul_precision(op: str, precision: jax.lax.PrecisionLike) -> jax.lax.Precision:
+    """``precision`` as one :class:`jax.lax.Precision`, JAX's way: ``None`` is the
+    ``jax_default_matmul_precision`` in force at trace time, else ``DEFAULT``; an error
+    names ``op``.
+
+    >>> matmul_precision("op", "highest"), matmul_precision("op", None)
+    (Precision.HIGHEST, Precision.DEFAULT)
+    >>> with jax.default_matmul_precision("tensorfloat32"):
+    ...     matmul_precision("op", None)
+    Precision.HIGH
+    """
+    if precision is None:  # lax.Precision reads the setting's names too ("tensorfloat32", ...)
+        precision = jax.config.jax_default_matmul_precision
+    if isinstance(precision, tuple):  # JAX allows one per operand; the ops use one for both
+        if precision[0] != precision[1]:
+            raise ValueError(f"{op}: precision must be the same for both operands; got {precision}")
+        precision = precision[0]
+    try:
+        return jax.lax.Precision(precision) if precision is not None else jax.lax.Precision.DEFAULT
+    except ValueError as error:
+        raise ValueError(
+            f"{op}: precision must be None, 'default', 'high', 'highest' or a lax.Precision; "
+            f"got {precision!r}"
+        ) from error

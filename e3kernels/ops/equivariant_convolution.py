@@ -10,8 +10,7 @@ import jax.numpy as jnp
 
 from e3kernels import backend as _backend
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.ops._checks import check_array, check_indices_in_range
-from e3kernels.ops.indexed_linear import matmul_precision
+from e3kernels.ops._checks import check_array, check_indices_in_range, matmul_precision
 from e3kernels.reference import equivariant_convolution as _reference
 
 OP = "equivariant_convolution"
@@ -133,7 +132,7 @@ def equivariant_convolution(
     dtype = jnp.result_type(x, sh, weights.dtype)
     if radial is not None:
         return _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors,
-                                   backend, dtype, matmul_precision(precision))
+                                   backend, dtype, matmul_precision(OP, precision))
     impl = _backend.select(
         OP,
         backend,

@@ -11,7 +11,7 @@ from jax import lax
 
 from e3kernels import backend as _backend
 from e3kernels.irreps import LinearPlan
-from e3kernels.ops._checks import check_array, check_indices_in_range
+from e3kernels.ops._checks import check_array, check_indices_in_range, matmul_precision
 from e3kernels.reference import indexed_linear as _reference
 
 OP = "indexed_linear"
@@ -74,7 +74,7 @@ def indexed_linear(
     num_indexed = _validate(x, weights, biases, indices, plan)
     if num_indexed is not None:
         check_indices_in_range(OP, "indices", indices, num_indexed)
-    precision = matmul_precision(precision)
+    precision = matmul_precision(OP, precision)
     dtype = jnp.result_type(x, *weights, *biases)
     impl = _backend.select(
         OP,
@@ -89,31 +89,6 @@ def indexed_linear(
         out_spaces="row",
     )
     return impl(x, weights, biases, indices)
-
-
-def matmul_precision(precision: lax.PrecisionLike) -> lax.Precision:
-    """``precision`` as one :class:`jax.lax.Precision`, JAX's way: ``None`` is the
-    ``jax_default_matmul_precision`` in force at trace time, else ``DEFAULT``.
-
-    >>> matmul_precision("highest"), matmul_precision(None)
-    (Precision.HIGHEST, Precision.DEFAULT)
-    >>> with jax.default_matmul_precision("tensorfloat32"):
-    ...     matmul_precision(None)
-    Precision.HIGH
-    """
-    if precision is None:  # lax.Precision reads the setting's names too ("tensorfloat32", ...)
-        precision = jax.config.jax_default_matmul_precision
-    if isinstance(precision, tuple):  # JAX allows one per operand; the ops use one for both
-        if precision[0] != precision[1]:
-            raise ValueError(f"{OP}: precision must be the same for both operands; got {precision}")
-        precision = precision[0]
-    try:
-        return lax.Precision(precision) if precision is not None else lax.Precision.DEFAULT
-    except ValueError as error:
-        raise ValueError(
-            f"{OP}: precision must be None, 'default', 'high', 'highest' or a lax.Precision; "
-            f"got {precision!r}"
-        ) from error
 
 
 def _validate(x, weights, biases, indices, plan: LinearPlan) -> int | None:
