@@ -362,7 +362,7 @@ def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dty
     num_channels = x.shape[1]
     row_block = _row_block(config)
     call = _edge_call(
-        functools.partial(_weights_kernel, columns=column_terms(plan), num_paths=plan.num_paths),
+        functools.partial(_tile_weight_gradients, columns=column_terms(plan)),
         plan, x, g, senders, receivers,
         in_specs=[pl.BlockSpec((row_block, plan.dim_sh), lambda c, t: (t, 0))],
         out_specs=pl.BlockSpec((plan.num_paths, row_block, LANES), lambda c, t: (0, t, c)),
@@ -372,26 +372,15 @@ def weights_partial(plan: ConvolutionPlan, x, sh, g, senders, receivers, out_dty
     return jnp.transpose(call(sh)[:, :, :num_channels], (1, 0, 2))
 
 
-def _weights_kernel(ends_ref, x_hbm, g_hbm, sh_ref, out_ref, x_buffer, g_buffer, mask, sems, *, columns,
-                    num_paths, num_nodes, row_block):
-    def slab(rows):
-        valid = _slab_mask(mask, rows)
-        grads = _weight_gradients(rows, columns, num_paths, x_buffer, g_buffer, sh_ref, valid)
-        for p, total in grads.items():
-            out_ref[p, rows, :] = total.astype(out_ref.dtype)
-
-    _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
-    for_each_slab(row_block, slab)
-
-
-def _tile_weight_gradients(ends_ref, x_hbm, g_hbm, sh_ref, x_buffer, g_buffer, mask, sems, grads, *, columns,
+def _tile_weight_gradients(ends_ref, x_hbm, g_hbm, sh_ref, grads, x_buffer, g_buffer, mask, sems, *, columns,
                            num_nodes, row_block):
-    """The tile's ``dF/dw`` into the scratch ``grads`` ``(P, row_block, LANES)`` float32."""
+    """The tile's ``dF/dw`` into ``grads`` ``(P, row_block, LANES)``: the weights partial's
+    output block (this is its kernel), or the fused partials' float32 scratch."""
     def slab(rows):
         valid = _slab_mask(mask, rows)
         values = _weight_gradients(rows, columns, grads.shape[0], x_buffer, g_buffer, sh_ref, valid)
         for p, total in values.items():
-            grads[p, rows, :] = total
+            grads[p, rows, :] = total.astype(grads.dtype)
 
     _gather_edge_ends(ends_ref, x_hbm, g_hbm, x_buffer, g_buffer, mask, sems, num_nodes, row_block)
     for_each_slab(row_block, slab)
@@ -420,7 +409,7 @@ def hidden_partial(plan: ConvolutionPlan, x, sh, g, matrix, senders, receivers, 
 
 def _hidden_kernel(ends_ref, x_hbm, g_hbm, sh_ref, matrix_ref, out_ref, x_buffer, g_buffer, mask, sems,
                    grads, *, columns, precision, num_nodes, row_block):
-    _tile_weight_gradients(ends_ref, x_hbm, g_hbm, sh_ref, x_buffer, g_buffer, mask, sems, grads,
+    _tile_weight_gradients(ends_ref, x_hbm, g_hbm, sh_ref, grads, x_buffer, g_buffer, mask, sems,
                            columns=columns, num_nodes=num_nodes, row_block=row_block)
     total = sum(dot(grads[p], matrix_ref[p], precision, split_high=True, contract_columns=True)
                 for p in range(grads.shape[0]))
@@ -453,7 +442,7 @@ def _matrix_kernel(ends_ref, x_hbm, g_hbm, sh_ref, hidden_ref, out_ref, x_buffer
     def _():
         out_ref[...] = jnp.zeros_like(out_ref)
 
-    _tile_weight_gradients(ends_ref, x_hbm, g_hbm, sh_ref, x_buffer, g_buffer, mask, sems, grads,
+    _tile_weight_gradients(ends_ref, x_hbm, g_hbm, sh_ref, grads, x_buffer, g_buffer, mask, sems,
                            columns=columns, num_nodes=num_nodes, row_block=row_block)
     # rows past the last edge hold whatever the block read: 0 with their slots
     hidden = jnp.where(mask[:, pl.ds(0, 1)] > 0, hidden_ref[...], 0)
