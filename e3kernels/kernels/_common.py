@@ -73,10 +73,11 @@ def why_not_dtype(dtype) -> str | None:
     return None
 
 
-def power_of_two_block(size: int, widest: int) -> int:
+def power_of_two_block(size: int, widest: int | None = None) -> int:
     """A Triton block of ``size`` elements (channels): the power of two at least ``size``,
-    as Triton's block shapes must be, at most ``widest``."""
-    return min(widest, 1 << (max(size, 1) - 1).bit_length())
+    as Triton's block shapes must be, at most ``widest`` (if given)."""
+    block = 1 << (max(size, 1) - 1).bit_length()
+    return block if widest is None else min(widest, block)
 
 
 def lane_padded(num_channels: int) -> int:

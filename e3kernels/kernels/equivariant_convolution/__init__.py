@@ -57,26 +57,22 @@ from e3kernels.reference.equivariant_convolution import (
 def implementations(plan: ConvolutionPlan, avg_num_neighbors: float, dtype) -> dict[str, Callable] | str:
     """``{"gpu", "tpu", "interpret"}`` implementations ``f(x, sh, weights, senders,
     receivers)``, or why there are none."""
-    if (reason := why_not_dtype(dtype)) is not None:
-        return reason
-    return {
-        name: functools.partial(equivariant_convolution, plan=plan, avg_num_neighbors=avg_num_neighbors,
-                                config=config)
-        for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))
-    }
+    return _per_config(equivariant_convolution, dtype, plan=plan, avg_num_neighbors=avg_num_neighbors)
 
 
 def radial_implementations(plan: ConvolutionPlan, avg_num_neighbors: float, dtype,
                            precision) -> dict[str, Callable] | str:
     """As :func:`implementations`, for fused radial weights: ``f(x, sh, hidden, matrix,
     senders, receivers)`` with ``matrix`` ``(H, P, C)``."""
+    return _per_config(radial_equivariant_convolution, dtype, plan=plan, avg_num_neighbors=avg_num_neighbors,
+                       precision=precision)
+
+
+def _per_config(op, dtype, **static) -> dict[str, Callable] | str:
     if (reason := why_not_dtype(dtype)) is not None:
         return reason
-    return {
-        name: functools.partial(radial_equivariant_convolution, plan=plan,
-                                avg_num_neighbors=avg_num_neighbors, config=config, precision=precision)
-        for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))
-    }
+    return {name: functools.partial(op, config=config, **static)
+            for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))}
 
 
 def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: ConvolutionPlan,

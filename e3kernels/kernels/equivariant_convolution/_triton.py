@@ -106,7 +106,7 @@ class _TileWeights:
 
 
 def _hidden_block(num_hidden: int) -> int:
-    return max(DOT_MIN, 1 << (max(num_hidden, 1) - 1).bit_length())
+    return max(DOT_MIN, power_of_two_block(num_hidden))
 
 
 def _hidden_rows(hidden_ref, tile: _EdgeTile, rows_ok):
