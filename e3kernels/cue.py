@@ -1,0 +1,517 @@
+"""cuequivariance-jax's segmented polynomials on e3kernels' sparse-polynomial engine.
+
+:func:`segmented_polynomial` and :func:`equivariant_polynomial` take the arguments of
+``cuequivariance_jax`` 0.13's functions of the same names and compute the same thing. Where
+``cuex`` evaluates a polynomial on CPU and TPU as per-path einsums (``method="naive"``;
+its fast methods are CUDA binaries), these run it on the engine of
+:func:`e3kernels.ops.symmetric_contraction`: one term-loop program (jax.numpy on CPU,
+Triton on GPU, Mosaic on TPU) whose derivatives of every order are the same program with
+derived term lists (:mod:`e3kernels.sparse_polynomial`).
+
+What runs: every polynomial whose tensor products are *uniform 1-d* once canonical
+(``cuex``'s ``uniform_1d`` condition): after flattening the coefficient modes and
+squeezing unit modes, every operand's segments are all ``(u,)`` (one channel mode, the
+same ``u`` throughout) or all scalars, broadcast over ``u``. MACE's interaction
+(``cue.descriptors.channelwise_tensor_product``), its product basis
+(``cuequivariance.group_theory.experimental.mace.symmetric_contraction``) and
+``cue.descriptors.spherical_harmonics`` are of this kind. A path ``c * a[i] * b[j] -> out[k]``
+becomes a term ``out[n, u, k] += c * a[n, u, i] * b[n, u, j]`` over per-row *variables*
+(every input's segments), so the polynomial, its input gradients and theirs are
+:class:`~e3kernels.symmetric_terms.SparsePolynomial` s.
+
+Rows: one batch axis (or none). An input is per row, shared (batch size 1) or gathered by
+an index array; an output is per row, a sum over rows (batch size 1), or scattered
+(summed) by an index array, as in a message-passing convolution. Gathered values outside
+the input are zeros; scattered rows outside the output are dropped.
+
+Anything else (two or more channel modes, as ``cue.descriptors.linear`` and
+``fully_connected_tensor_product``; ``cuex.Repeats``; several batch axes) raises
+``NotImplementedError`` naming what is unsupported: call ``cuex`` with ``method="naive"``
+for it. :func:`routed` sends a program's ``cuex`` calls here (see its docstring).
+
+>>> import jax, jax.numpy as jnp
+>>> import cuequivariance as cue
+>>> from e3kernels import cue as e3cue
+>>> p = cue.descriptors.spherical_harmonics(cue.SO3(1), [0, 1, 2]).polynomial
+>>> [y] = e3cue.segmented_polynomial(p, [jnp.array([0.0, 1.0, 0.0])],
+...                                  [jax.ShapeDtypeStruct((-1,), jnp.float32)])
+>>> [round(float(v), 4) for v in y]
+[1.0, 0.0, 1.7321, 0.0, 0.0, 0.0, 2.2361, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    import cuequivariance as cue
+    import cuequivariance_jax as cuex
+except ImportError as error:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "e3kernels.cue needs cuequivariance and cuequivariance-jax: pip install 'e3kernels[cue]'"
+    ) from error
+
+from e3kernels import backend as _backend
+from e3kernels.grouping import shared_row_tiles
+from e3kernels.sparse_polynomial import REFERENCE, polynomial, with_tile_rows
+from e3kernels.symmetric_terms import SparsePolynomial, Term, make_polynomial
+
+OP = "e3kernels.cue.segmented_polynomial"
+logger = logging.getLogger(__name__)
+
+
+# ---- the plan: a canonical uniform 1-d polynomial as sparse polynomials --------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTerms:
+    """One output's terms, over the variables of the inputs it reads."""
+
+    inputs: tuple[int, ...]  # the inputs it reads, in order; their segments are its variables
+    polynomial: SparsePolynomial  # one coefficient row (all ones): every factor is a variable
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformPlan:
+    """A cuequivariance polynomial in the engine's terms (:func:`uniform_plan`)."""
+
+    channels: int  # u, the one channel mode's extent (1 when no operand has it)
+    in_segments: tuple[int, ...]  # per input, its number of segments
+    in_channelled: tuple[bool, ...]  # per input: segments are (u,), else scalars (broadcast)
+    out_segments: tuple[int, ...]
+    outputs: tuple[OutputTerms, ...]
+
+    def in_size(self, i: int) -> int:
+        return self.in_segments[i] * (self.channels if self.in_channelled[i] else 1)
+
+    def out_size(self, o: int) -> int:
+        return self.out_segments[o] * self.channels
+
+
+@functools.cache
+def uniform_plan(poly: cue.SegmentedPolynomial) -> UniformPlan:
+    """The :class:`UniformPlan` of ``poly`` (cached), or ``NotImplementedError`` saying why
+    it has none."""
+    try:
+        canonical = (poly.consolidate().flatten_coefficient_modes().squeeze_modes()
+                     .canonicalize_subscripts())
+    except ValueError as error:
+        why = f"its coefficient modes do not flatten ({error})"
+        raise NotImplementedError(_unsupported(poly, why)) from None
+    extents = set()
+    for _, stp in canonical.operations:
+        modes = stp.subscripts.modes()
+        if len(modes) > 1:
+            raise NotImplementedError(_unsupported(
+                poly, f"the tensor product {stp.subscripts} has {len(modes)} channel modes {modes}; "
+                      "e3kernels.cue runs those with one (uniform 1-d)"))
+        if modes:
+            extents.update(stp.get_dims(modes[0]))
+    if len(extents) > 1:
+        raise NotImplementedError(_unsupported(
+            poly, f"its channel mode has several extents {sorted(extents)}; e3kernels.cue needs one"))
+    channels = extents.pop() if extents else 1
+
+    def segments(operand: cue.SegmentedOperand, what: str) -> bool:
+        shapes = set(operand.segments)
+        if shapes <= {(channels,)}:
+            return True
+        if shapes == {()}:
+            return False
+        raise NotImplementedError(_unsupported(
+            poly, f"{what}'s segments {sorted(shapes)} are neither all ({channels},) nor all scalars"))
+
+    in_channelled = tuple(segments(op, f"input {i}") for i, op in enumerate(canonical.inputs))
+    for o, op in enumerate(canonical.outputs):
+        if not segments(op, f"output {o}") and channels > 1 and op.num_segments:
+            raise NotImplementedError(_unsupported(
+                poly, f"output {o} has scalar segments, a sum over the channel mode u={channels}"))
+    num_inputs = canonical.num_inputs
+    offsets = np.concatenate([[0], np.cumsum([op.num_segments for op in canonical.inputs])])
+    per_output: list[list[Term]] = [[] for _ in canonical.outputs]
+    for operation, stp in canonical.operations:
+        outs = [k for k, b in enumerate(operation.buffers) if b >= num_inputs]
+        if len(outs) != 1:
+            raise NotImplementedError(_unsupported(poly, f"an operation writes {len(outs)} outputs"))
+        (k_out,) = outs
+        for path in stp.paths:
+            variables = tuple(sorted(
+                int(offsets[b] + s) for k, (b, s) in enumerate(zip(operation.buffers, path.indices))
+                if k != k_out))
+            scale = float(np.asarray(path.coefficients).item())
+            out = operation.buffers[k_out] - num_inputs
+            per_output[out].append(Term(variables, int(path.indices[k_out]), 0, scale))
+    outputs = tuple(_output_terms(terms, canonical, offsets, o) for o, terms in enumerate(per_output))
+    return UniformPlan(
+        channels=channels,
+        in_segments=tuple(op.num_segments for op in canonical.inputs),
+        in_channelled=in_channelled,
+        out_segments=tuple(op.num_segments for op in canonical.outputs),
+        outputs=outputs,
+    )
+
+
+def _output_terms(terms: list[Term], canonical, offsets, o: int) -> OutputTerms:
+    """``terms`` over the variables of only the inputs they read (renumbered)."""
+    used = sorted({int(np.searchsorted(offsets, v, side="right")) - 1 for t in terms for v in t.vars})
+    shift = {}
+    start = 0
+    for i in used:
+        shift[i] = start - int(offsets[i])
+        start += canonical.inputs[i].num_segments
+
+    def renumber(v: int) -> int:
+        return v + shift[int(np.searchsorted(offsets, v, side="right")) - 1]
+
+    renumbered = (Term(tuple(renumber(v) for v in t.vars), t.out, 0, t.scale) for t in terms)
+    in_sizes = tuple(canonical.inputs[i].num_segments for i in used)
+    poly = make_polynomial(in_sizes, (canonical.outputs[o].num_segments,), 1, renumbered)
+    return OutputTerms(tuple(used), poly)
+
+
+def _unsupported(poly, why: str) -> str:
+    return (f"{OP}: this polynomial is not supported: {why}. Call cuequivariance_jax."
+            f"segmented_polynomial(..., method='naive') for it.\n{poly}")
+
+
+# ---- the public functions ---------------------------------------------------------------------
+
+
+def segmented_polynomial(
+    polynomial: cue.SegmentedPolynomial,
+    inputs: Sequence[jax.Array],
+    outputs_shape_dtype: Sequence[jax.ShapeDtypeStruct],
+    indices: Sequence[Any] | None = None,
+    *,
+    method: str = "",
+    math_dtype: Any = None,
+    options: dict[str, Any] | None = None,
+    name: str | None = None,
+    precision: Any = "undefined",
+    backend: str | None = None,
+) -> list[jax.Array]:
+    """``cuequivariance_jax.segmented_polynomial`` on e3kernels' engine (see the module doc).
+
+    Args:
+      polynomial, inputs, outputs_shape_dtype, indices, math_dtype, options: as ``cuex``'s.
+        Each input is ``(*batch, size)``, at most one batch axis; an index is an integer
+        array over the batch, a one-tuple of it, or ``None``. ``math_dtype`` (or
+        ``options["math_dtype"]``) ``"float64"`` sums in float64; any other sums in
+        float32 (16-bit math is not lowered: float32 is at least as accurate). Without
+        one, float64 inputs sum in float64.
+      method, name: accepted for ``cuex``'s signature (this is one method).
+      precision: as ``cuex``'s, which refuses anything but its default.
+      backend: e3kernels' backend (``"auto"``, ``"reference"``, ``"pallas"``), ``None``
+        for the current setting (:func:`e3kernels.use_backend`).
+
+    Returns:
+      One array per output, of ``outputs_shape_dtype``'s shape (a last axis of ``-1``
+      becomes the operand's size) and dtype.
+    """
+    del method, name
+    if precision != "undefined":
+        raise ValueError(f"{OP}: precision is not supported (as in cuex); use math_dtype")
+    plan = uniform_plan(polynomial)
+    compute = _math_dtype(math_dtype, options, inputs)
+    inputs, outs, in_index, out_index = _normalized(polynomial, plan, inputs, outputs_shape_dtype, indices)
+    num_rows = _num_rows(inputs, in_index, outs, out_index)
+    results = []
+    for o, (out, index) in enumerate(zip(outs, out_index)):
+        terms = plan.outputs[o]
+        args = (tuple(inputs[i] for i in terms.inputs), tuple(in_index[i] for i in terms.inputs), index)
+        static = _Static(plan.channels, tuple(plan.in_channelled[i] for i in terms.inputs), terms.polynomial,
+                         num_rows, out.shape[0], index is None and out.shape[0] == 1 and num_rows > 1,
+                         jnp.dtype(out.dtype).name)
+        impl = _backend.select(
+            OP, backend,
+            functools.partial(_evaluate, static=static, config=REFERENCE, dtype=compute),
+            lambda static=static: _kernels(static, compute),
+            jax.ShapeDtypeStruct(out.shape, out.dtype),
+            key=(static, jnp.dtype(compute).name),
+        )
+        results.append(impl(*args))
+    return [r.reshape(o.shape if o.shape[-1] != -1 else o.shape[:-1] + (r.shape[-1],))
+            for r, o in zip(results, _requested_shapes(polynomial, outputs_shape_dtype))]
+
+
+def equivariant_polynomial(
+    poly: cue.EquivariantPolynomial,
+    inputs: Sequence[Any],
+    outputs_shape_dtype: Any = None,
+    indices: Sequence[Any] | None = None,
+    *,
+    method: str = "",
+    math_dtype: Any = None,
+    options: dict[str, Any] | None = None,
+    name: str | None = None,
+    precision: Any = "undefined",
+    backend: str | None = None,
+):
+    """``cuequivariance_jax.equivariant_polynomial`` on e3kernels' engine: ``RepArray`` in
+    and out, checked against ``poly``'s representations, evaluated by
+    :func:`segmented_polynomial` (whose arguments these are).
+
+    Returns one ``RepArray``, or a list where ``outputs_shape_dtype`` is a list or is
+    inferred for several outputs (as ``cuex``).
+    """
+    inputs = list(inputs)
+    if len(inputs) != poly.num_inputs:
+        raise ValueError(f"e3kernels.cue.equivariant_polynomial: inputs: expected {poly.num_inputs}; "
+                         f"got {len(inputs)}")
+    for i, (x, rep) in enumerate(zip(inputs, poly.inputs)):
+        if isinstance(x, cuex.RepArray):
+            if x.rep(-1) != rep:
+                raise ValueError(f"e3kernels.cue.equivariant_polynomial: inputs[{i}]: expected "
+                                 f"representation {rep}; got {x.rep(-1)}")
+        elif not rep.is_scalar():
+            raise ValueError(f"e3kernels.cue.equivariant_polynomial: inputs[{i}]: expected a RepArray "
+                             f"of {rep} (a plain array only for scalars); got {type(x).__name__}")
+    arrays = [getattr(x, "array", x) for x in inputs]
+    single = outputs_shape_dtype is not None and hasattr(outputs_shape_dtype, "shape")
+    if outputs_shape_dtype is None:
+        if indices is not None and any(i is not None for i in list(indices)[poly.num_inputs:]):
+            raise ValueError("e3kernels.cue.equivariant_polynomial: outputs_shape_dtype is needed "
+                             "with output indices")
+        index_list = [None] * poly.num_inputs if indices is None else list(indices)[: poly.num_inputs]
+        batch = jnp.broadcast_shapes(*[
+            jnp.shape(x)[:-1] if i is None else jnp.shape(i[0] if isinstance(i, tuple) else i)
+            for x, i in zip(arrays, index_list)])
+        dtype = jnp.result_type(*arrays)
+        outputs_shape_dtype = [jax.ShapeDtypeStruct(batch + (rep.dim,), dtype) for rep in poly.outputs]
+        single = poly.num_outputs == 1
+    elif single:
+        outputs_shape_dtype = [outputs_shape_dtype]
+    outputs = segmented_polynomial(poly.polynomial, arrays, outputs_shape_dtype, indices, method=method,
+                                   math_dtype=math_dtype, options=options, name=name, precision=precision,
+                                   backend=backend)
+    outputs = [cuex.RepArray(rep, x) for rep, x in zip(poly.outputs, outputs)]
+    return outputs[0] if single else outputs
+
+
+# ---- the switch -------------------------------------------------------------------------------
+
+_ROUTED_METHODS = ("naive", "uniform_1d")
+
+
+@contextlib.contextmanager
+def routed(*, methods: Sequence[str] = _ROUTED_METHODS, unsupported: str = "raise",
+           backend: str | None = None) -> Iterator[None]:
+    """Inside the context, ``cuequivariance_jax.segmented_polynomial`` calls made with a
+    ``method`` in ``methods`` run on e3kernels (:func:`segmented_polynomial`), and so do
+    ``cuex.equivariant_polynomial`` calls (it calls the former): one line routes a program
+    written for cuex, e.g. mace-jax's::
+
+        with e3kernels.cue.routed():
+            energy, forces = step(params, graph)   # traced here: its cuex calls run on e3kernels
+
+    This patches an attribute of a third-party module (``cuequivariance_jax``) for the
+    duration of the context, in every thread; leaving restores it. What counts is where a
+    function is *traced* (its first call under ``jax.jit``): JAX caches the trace, so a
+    function traced inside keeps e3kernels when called after, and one traced before the
+    context keeps cuex inside it.
+
+    Args:
+      methods: the ``method`` values to route (``"uniform_1d"`` too by default: its CUDA
+        kernel is not available off NVIDIA GPUs, and this is the same computation).
+      unsupported: a polynomial e3kernels does not run (two channel modes, as
+        ``cue.descriptors.linear``): ``"raise"`` (``NotImplementedError``), or ``"cuex"``
+        to evaluate it with cuex itself (``method="naive"``), logged once per polynomial.
+      backend: e3kernels' backend for the routed calls (``None``: the current setting).
+    """
+    if unsupported not in ("raise", "cuex"):
+        raise ValueError(f"e3kernels.cue.routed: unsupported must be 'raise' or 'cuex'; got {unsupported!r}")
+    previous = cuex.segmented_polynomial
+    cuex.segmented_polynomial = functools.partial(
+        _route, methods=tuple(methods), unsupported=unsupported, backend=backend, cuex_function=previous)
+    try:
+        yield
+    finally:
+        cuex.segmented_polynomial = previous
+
+
+def _route(polynomial, inputs, outputs_shape_dtype, indices=None, *, method="", methods, unsupported,
+           backend, cuex_function, **kwargs):
+    if method in methods:
+        try:
+            uniform_plan(polynomial)
+        except NotImplementedError:
+            if unsupported == "raise":
+                raise
+            _log_unrouted(polynomial)
+            method = "naive"
+        else:
+            return segmented_polynomial(polynomial, inputs, outputs_shape_dtype, indices, method=method,
+                                        backend=backend, **kwargs)
+    return cuex_function(polynomial, inputs, outputs_shape_dtype, indices, method=method, **kwargs)
+
+
+@functools.cache
+def _log_unrouted(polynomial) -> None:
+    logger.warning("e3kernels.cue.routed: evaluating with cuex (method='naive'), not e3kernels: %s",
+                   str(polynomial).splitlines()[0])
+
+
+# ---- arguments --------------------------------------------------------------------------------
+
+
+def _math_dtype(math_dtype, options, inputs):
+    requested = (options or {}).get("math_dtype") if math_dtype is None else math_dtype
+    if requested is None:
+        if any(jnp.asarray(x).dtype == jnp.float64 for x in inputs):
+            return jnp.float64
+        return jnp.float32
+    if requested == "tensor_float32":
+        return jnp.float32
+    try:
+        dtype = jnp.dtype(requested)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{OP}: math_dtype must be a float dtype or 'tensor_float32'; got {requested!r}")
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _requested_shapes(polynomial, outputs_shape_dtype):
+    return [jax.ShapeDtypeStruct(o.shape[:-1] + (op.size,), o.dtype)
+            for o, op in zip(outputs_shape_dtype, polynomial.outputs)]
+
+
+def _normalized(polynomial, plan: UniformPlan, inputs, outputs_shape_dtype, indices):
+    """Inputs as ``(B, size)`` arrays, outputs as ``(B, size)`` types, indices as ``(R,)``
+    int arrays or ``None``; errors name the argument."""
+    inputs, outputs_shape_dtype = list(inputs), list(outputs_shape_dtype)
+    if len(inputs) != polynomial.num_inputs:
+        raise ValueError(f"{OP}: inputs: expected {polynomial.num_inputs} arrays; got {len(inputs)}")
+    if len(outputs_shape_dtype) != polynomial.num_outputs:
+        raise ValueError(f"{OP}: outputs_shape_dtype: expected {polynomial.num_outputs}; "
+                         f"got {len(outputs_shape_dtype)}")
+    num_buffers = polynomial.num_inputs + polynomial.num_outputs
+    indices = [None] * num_buffers if indices is None else list(indices)
+    if len(indices) != num_buffers:
+        raise ValueError(f"{OP}: indices: expected {num_buffers} (one per input and output, None for "
+                         f"none); got {len(indices)}")
+    indices = [_index(i, k) for k, i in enumerate(indices)]
+    rows = []
+    for i, (x, op) in enumerate(zip(inputs, polynomial.inputs)):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[-1] != op.size:
+            raise ValueError(f"{OP}: inputs[{i}]: expected shape (*batch, {op.size}); got {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{OP}: inputs[{i}]: expected a float array; got {x.dtype}")
+        rows.append(_one_batch_axis(x, f"inputs[{i}]"))
+    outs = []
+    for o, (out, op) in enumerate(zip(outputs_shape_dtype, polynomial.outputs)):
+        if len(out.shape) == 0 or out.shape[-1] not in (op.size, -1):
+            raise ValueError(f"{OP}: outputs_shape_dtype[{o}]: expected shape (*batch, {op.size}); "
+                             f"got {out.shape}")
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(f"{OP}: outputs_shape_dtype[{o}]: expected a float dtype; got {out.dtype}")
+        shape = out.shape[:-1] + (op.size,)
+        if len(shape) > 2:
+            raise NotImplementedError(f"{OP}: outputs_shape_dtype[{o}]: one batch axis at most; got "
+                                      f"{out.shape}")
+        outs.append(jax.ShapeDtypeStruct(((shape[0] if len(shape) == 2 else 1), op.size), out.dtype))
+    return rows, outs, indices[: len(inputs)], indices[len(inputs):]
+
+
+def _index(index, k: int):
+    if index is None:
+        return None
+    if isinstance(index, cuex.Repeats):
+        raise NotImplementedError(f"{OP}: indices[{k}]: cuex.Repeats is not supported; pass an index array")
+    if isinstance(index, tuple):
+        if len(index) != 1:
+            raise NotImplementedError(f"{OP}: indices[{k}]: one batch axis at most; got {len(index)} indices")
+        (index,) = index
+        if isinstance(index, slice):
+            if index != slice(None):
+                raise ValueError(f"{OP}: indices[{k}]: only ':' slices; got {index}")
+            return None
+    index = jnp.asarray(index)
+    if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"{OP}: indices[{k}]: expected a 1-d integer array; got {index.dtype}{index.shape}")
+    return index
+
+
+def _one_batch_axis(x, what: str):
+    if x.ndim == 1:
+        return x[None]
+    if x.ndim > 2:
+        raise NotImplementedError(f"{OP}: {what}: one batch axis at most; got shape {x.shape}")
+    return x
+
+
+def _num_rows(inputs, in_index, outs, out_index) -> int:
+    """The rows the polynomial runs over: the one extent (other than 1) of every indexed
+    buffer's index and every other buffer's batch."""
+    extents = {}
+    for k, (x, i) in enumerate(zip(inputs, in_index)):
+        extents[f"inputs[{k}]"] = x.shape[0] if i is None else i.shape[0]
+    for k, (out, i) in enumerate(zip(outs, out_index)):
+        extents[f"outputs_shape_dtype[{k}]"] = out.shape[0] if i is None else i.shape[0]
+    sizes = {n for n in extents.values() if n != 1}
+    if len(sizes) > 1:
+        raise ValueError(f"{OP}: the batch extents (after indexing) disagree: {extents}; each must be "
+                         "the number of rows or 1")
+    return sizes.pop() if sizes else 1
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    channels: int
+    channelled: tuple[bool, ...]
+    polynomial: SparsePolynomial
+    num_rows: int
+    out_rows: int
+    sum_rows: bool  # a shared output: the sum over the rows
+    out_dtype: str
+
+
+def _evaluate(inputs, in_index, out_index, *, static: _Static, config, dtype):
+    """One output on ``config``'s evaluator: gather, the term loop per row, scatter."""
+    poly, num_rows, u = static.polynomial, static.num_rows, static.channels
+    size_out = poly.out_sizes[0] * u
+    if num_rows == 0 or not poly.terms:
+        return jnp.zeros((static.out_rows, size_out), static.out_dtype)
+    zs = []
+    for x, index, channelled, segments in zip(inputs, in_index, static.channelled, poly.in_sizes):
+        if index is not None:
+            x = jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+        x = jnp.broadcast_to(x, (num_rows, x.shape[-1]))
+        x = jnp.swapaxes(x.reshape(num_rows, segments, u if channelled else 1), 1, 2)
+        zs.append(jnp.broadcast_to(x.astype(dtype), (num_rows, u, segments)))
+    config = with_tile_rows(config)
+    coefs = jnp.ones((1, 1, u), dtype)
+    (rows,) = polynomial(config, poly, 0.0, (jnp.dtype(dtype),), tuple(zs), coefs,
+                         shared_row_tiles(num_rows, config.tile_rows))
+    rows = jnp.swapaxes(rows, 1, 2).reshape(num_rows, size_out)
+    if out_index is not None:
+        rows = jax.ops.segment_sum(rows, out_index, num_segments=static.out_rows)
+    elif static.sum_rows:
+        rows = jnp.sum(rows, axis=0, keepdims=True)
+    return rows.astype(static.out_dtype)
+
+
+def _kernels(static: _Static, dtype):
+    """The Pallas implementations (the symmetric contraction's kernel families)."""
+    from e3kernels.kernels import symmetric_contraction as kernels
+    from e3kernels.kernels._common import MOSAIC, TRITON, TRITON_INTERPRET, why_not_dtype
+
+    if (reason := why_not_dtype(dtype)) is not None:
+        return reason
+    if len(static.polynomial.terms) > kernels.MAX_TERMS:
+        return f"{len(static.polynomial.terms)} terms; the kernels handle at most {kernels.MAX_TERMS}"
+    return {name: functools.partial(_evaluate, static=static, config=config, dtype=jnp.float32)
+            for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))}
