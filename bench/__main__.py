@@ -28,6 +28,9 @@ from bench import breakdown, report
 from bench.timing import Measured, compile_one, printer, run_interleaved
 from bench.workloads import DATA_PARALLEL, ROWS, WORKLOADS
 
+#: what a workload's speed-ups are against, where not e3nn-jax
+BASELINES = {"data_parallel": "1 device", "cue": "cuex naive"}
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
             progress(f"  profiling {m.candidate} {m.mode}: where the time goes")
             m.breakdown = breakdown.breakdown(compiled, call_args)
         result = {"workload": name, "title": title, "rows": rows, "measured": measured,
-                  "baseline": "1 device" if name == "data_parallel" else report.BASELINE}
+                  "baseline": BASELINES.get(name, report.BASELINE)}
         print(report.table(result), flush=True)
         results.append(result)
 

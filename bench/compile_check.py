@@ -146,7 +146,7 @@ def _entry_points() -> list[tuple[str, Callable, tuple]]:
     entries += _three_orders("equivariant_convolution", convolve, (xc, per_edge, index), projection)
     entries += _three_orders("equivariant_convolution fused radial", _fused_convolve(conv),
                              (xc, _radial_inputs(conv, edges), index), projection)
-    return entries + _million_entries() + _mace_entries()
+    return entries + _million_entries() + _mace_entries() + _cue_entries()
 
 
 def _radial_inputs(conv, edges):
@@ -208,6 +208,12 @@ def _million_entries():
 
 #: entries of e3nn-jax's modules: the baseline, with no kernel of ours to find
 BASELINE = "e3nn-jax"
+#: the cue model's baseline: cuex's portable method, no kernel of ours either
+CUE_BASELINE = "cuex naive"
+
+
+def is_baseline(entry: str) -> bool:
+    return BASELINE in entry or CUE_BASELINE in entry
 
 
 def _mace_entries(atoms: int = 1000):
@@ -224,6 +230,24 @@ def _mace_entries(atoms: int = 1000):
         args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), candidate.args)
         entries += [(f"mace energy+forces{suffix}", candidate.fwd, args),
                     (f"mace training step{suffix}", candidate.fwd_bwd, args)]
+    return entries
+
+
+def _cue_entries(atoms: int = 1000):
+    """The bench's ``cue`` model (GPU size) traced inside ``e3kernels.cue.routed`` on the
+    kernels, and all-cuex (``naive``, its portable method) beside it."""
+    from bench.workloads import cue_model, has_cuequivariance
+
+    if not has_cuequivariance():
+        return []
+    entries = []
+    for candidate in cue_model(atoms, "gpu"):
+        if candidate.name not in (CUE_BASELINE, "e3kernels.cue pallas"):
+            continue
+        suffix = f" ({CUE_BASELINE})" if candidate.name == CUE_BASELINE else ""
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), candidate.args)
+        entries += [(f"cue energy+forces{suffix}", candidate.fwd, args),
+                    (f"cue training step{suffix}", candidate.fwd_bwd, args)]
     return entries
 
 
@@ -300,7 +324,7 @@ def tpu_target(name: str, device, entries, progress) -> list[Kernel]:
             kernels += [Kernel(name, entry, k, code_bytes=size, mxu_matmul=mxu, **figures)
                         for k, size, mxu in found]
         else:
-            error = None if BASELINE in entry else "no kernel"
+            error = None if is_baseline(entry) else "no kernel"
             kernels.append(Kernel(name, entry, "-", error=error, **figures))
     return kernels
 
@@ -336,7 +360,7 @@ def gpu_target(name: str, device, entries, ptxas: str, progress) -> list[Kernel]
                 kernels.append(Kernel(name, entry, "-", error=_short(error)))
                 continue
             found = _gpu_kernels(name, entry, Path(dump), ptxas)
-            if BASELINE in entry and all(k.kernel == "-" for k in found):
+            if is_baseline(entry) and all(k.kernel == "-" for k in found):
                 found = [Kernel(name, entry, "-")]  # no kernel of ours: expected
             kernels += [dataclasses.replace(k, **figures) for k in found]
     return kernels

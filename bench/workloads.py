@@ -406,6 +406,43 @@ def data_parallel(rows: int, platform: str, devices: int) -> list[Candidate]:
     return [one, strong, weak]
 
 
+def cue_model(rows: int, platform: str) -> list[Candidate]:
+    """A MACE-style model written for cuequivariance-jax (``bench.cue_mace``) on a random
+    liquid of ``rows`` atoms: every op ``cuex`` ``method="naive"`` (what mace-jax runs off
+    NVIDIA GPUs), against the same function traced inside ``e3kernels.cue.routed`` (its
+    Linears and species skip, two-mode, stay on cuex). One parameter tree."""
+    from bench import cue_mace
+    from e3kernels import cue as e3cue
+
+    config = cue_mace.Config()
+    positions, species, cell = mace.random_liquid(rows, neighbors=30, r_max=config.r_max,
+                                                  num_species=config.species, seed=0)
+    edges = mace.neighbor_list(positions, cell, config.r_max)
+    config = dataclasses.replace(config, avg_num_neighbors=len(edges[0]) / rows)
+    graph = tuple(jnp.asarray(a) for a in (positions, species, *edges))
+    params = cue_mace.init(config, jax.random.PRNGKey(0))
+    projection = jax.random.normal(jax.random.PRNGKey(12), (rows, 3))
+
+    def energy_forces(params, *graph_and_projection):
+        return cue_mace.energy_and_forces(params, *graph_and_projection[:-1], config)
+
+    def loss(params, *graph_and_projection):
+        return cue_mace.training_loss(params, *graph_and_projection, config)
+
+    def routed(function, backend):
+        def traced_routed(*args):
+            with e3cue.routed(unsupported="cuex", backend=backend):
+                return function(*args)
+        return traced_routed
+
+    args = (params, *graph, projection)
+    candidates = [Candidate("cuex naive", energy_forces, jax.grad(loss), args)]
+    for backend in e3kernels_backends(platform):
+        candidates.append(Candidate(f"e3kernels.cue {backend}", routed(energy_forces, backend),
+                                    routed(jax.grad(loss), backend), args))
+    return candidates
+
+
 WORKLOADS = {
     "symmetric_contraction": (
         "Symmetric contraction, MACE-M (128x(0e+1o+2e+3o), orders 1-3, keep 0e+1o, 10 species)",
@@ -427,6 +464,11 @@ WORKLOADS = {
         "liquid, ~30 neighbours): energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
         mace_model,
     ),
+    "cue": (
+        "MACE-style model written for cuequivariance-jax (cuex naive; e3kernels.cue.routed): "
+        "energy+forces (fwd) and training step (fwd+bwd: differentiates twice)",
+        cue_model,
+    ),
 }
 
 #: ``python -m bench --devices N``: the block's training step on N devices against one
@@ -441,14 +483,14 @@ DATA_PARALLEL = (
 ROWS = {
     ("cpu", False): {"symmetric_contraction": 1000, "indexed_linear": 4000, "convolution": 128,
                      "training_step": 200,
-                     "mace": 128, "data_parallel": 200},
+                     "mace": 128, "cue": 128, "data_parallel": 200},
     ("cpu", True): {"symmetric_contraction": 200, "indexed_linear": 800, "convolution": 32,
                     "training_step": 50,
-                    "mace": 32, "data_parallel": 48},
+                    "mace": 32, "cue": 32, "data_parallel": 48},
     ("gpu", False): {"symmetric_contraction": 4000, "indexed_linear": 4000, "convolution": 1000,
                      "training_step": 4000,
-                     "mace": 1000, "data_parallel": 4000},
+                     "mace": 1000, "cue": 1000, "data_parallel": 4000},
     ("gpu", True): {"symmetric_contraction": 1000, "indexed_linear": 1000, "convolution": 256,
                     "training_step": 500,
-                    "mace": 256, "data_parallel": 496},
+                    "mace": 256, "cue": 256, "data_parallel": 496},
 }

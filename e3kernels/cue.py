@@ -62,6 +62,8 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 from e3kernels import backend as _backend
 from e3kernels.grouping import shared_row_tiles
+from e3kernels.irreps import ConvolutionPlan
+from e3kernels.ops.equivariant_convolution import dropping_convolution
 from e3kernels.sparse_polynomial import REFERENCE, polynomial, with_tile_rows
 from e3kernels.symmetric_terms import SparsePolynomial, Term, make_polynomial
 
@@ -73,11 +75,26 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvolutionForm:
+    """An output that is a channelwise tensor product, the form of
+    :func:`e3kernels.ops.equivariant_convolution`: every term is
+    ``weights[p] * features[i] * harmonics[j] -> out[q]``, with ``p = plan.path_of_column[q]``
+    (``harmonics``' segments scalars), so that it runs as that op: features gathered by
+    their index, messages scattered by the output's, no per-edge copy of either."""
+
+    weights: int  # input numbers
+    features: int
+    harmonics: int
+    plan: ConvolutionPlan
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputTerms:
     """One output's terms, over the variables of the inputs it reads."""
 
     inputs: tuple[int, ...]  # the inputs it reads, in order; their segments are its variables
     polynomial: SparsePolynomial  # one coefficient row (all ones): every factor is a variable
+    convolutions: tuple[ConvolutionForm, ...]  # its readings as a convolution (by weights input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +192,41 @@ def _output_terms(terms: list[Term], canonical, offsets, o: int) -> OutputTerms:
     renumbered = (Term(tuple(renumber(v) for v in t.vars), t.out, 0, t.scale) for t in terms)
     in_sizes = tuple(canonical.inputs[i].num_segments for i in used)
     poly = make_polynomial(in_sizes, (canonical.outputs[o].num_segments,), 1, renumbered)
-    return OutputTerms(tuple(used), poly)
+    return OutputTerms(tuple(used), poly, _convolution_forms(poly, tuple(used), canonical))
+
+
+def _convolution_forms(poly: SparsePolynomial, used: tuple[int, ...],
+                       canonical) -> tuple[ConvolutionForm, ...]:
+    """``poly``'s readings as a convolution: one per choice of its weights input."""
+    channelled = [k for k, i in enumerate(used) if canonical.inputs[i].segments[:1] != ((),)]
+    scalar = [k for k, i in enumerate(used) if k not in channelled]
+    if len(used) != 3 or len(channelled) != 2 or not poly.terms:
+        return ()
+    starts = np.cumsum((0,) + poly.in_sizes)
+    of_input = [[poly.locate_input(v)[0] for v in t.vars] for t in poly.terms]
+    if any(sorted(k) != [0, 1, 2] for k in of_input):
+        return ()
+    forms = []
+    for weights in channelled:
+        features = next(k for k in channelled if k != weights)
+        path = {}
+        table = np.zeros((poly.in_sizes[features], poly.in_sizes[scalar[0]], poly.num_out))
+        for t, inputs in zip(poly.terms, of_input):
+            segment = {k: v - starts[k] for k, v in zip(inputs, t.vars)}
+            if path.setdefault(t.out, segment[weights]) != segment[weights]:
+                break  # one output segment, two weights: not this reading
+            table[segment[features], segment[scalar[0]], t.out] += t.scale
+        else:
+            columns = [path.get(q, -1) for q in range(poly.num_out)]
+            for q in range(1, len(columns)):  # a column without terms joins its left neighbour's path
+                columns[q] = columns[q - 1] if columns[q] < 0 else columns[q]
+            if columns[0] < 0 or list(columns) != sorted(columns) or set(columns) != set(
+                    range(poly.in_sizes[weights])):
+                continue
+            plan = ConvolutionPlan(None, None, None, None, None, tuple(columns), table,
+                                   origin=("cue", table.shape, table.tobytes()))
+            forms.append(ConvolutionForm(used[weights], used[features], used[scalar[0]], plan))
+    return tuple(forms)
 
 
 def _unsupported(poly, why: str) -> str:
@@ -227,6 +278,11 @@ def segmented_polynomial(
     results = []
     for o, (out, index) in enumerate(zip(outs, out_index)):
         terms = plan.outputs[o]
+        form = _convolution_form(terms, inputs, in_index, out, index, num_rows)
+        if form is not None:
+            results.append(_convolve(form, inputs, in_index, out, index, num_rows, plan.channels, compute,
+                                     backend))
+            continue
         args = (tuple(inputs[i] for i in terms.inputs), tuple(in_index[i] for i in terms.inputs), index)
         static = _Static(plan.channels, tuple(plan.in_channelled[i] for i in terms.inputs), terms.polynomial,
                          num_rows, out.shape[0], index is None and out.shape[0] == 1 and num_rows > 1,
@@ -466,6 +522,45 @@ def _num_rows(inputs, in_index, outs, out_index) -> int:
 
 
 # ---- evaluation -------------------------------------------------------------------------------
+
+
+def _convolution_form(terms: OutputTerms, inputs, in_index, out, out_index, num_rows):
+    """The reading of ``terms`` as a convolution this call fits, or ``None``: per-row
+    weights and harmonics, features per row or gathered, the output per row or scattered
+    (the features gathered by the index when one reading has them indexed)."""
+    if out_index is None and out.shape[0] != num_rows:
+        return None
+    for form in sorted(terms.convolutions, key=lambda f: in_index[f.features] is None):
+        if in_index[form.weights] is None and in_index[form.harmonics] is None:
+            return form
+    return None
+
+
+def _convolve(form: ConvolutionForm, inputs, in_index, out, out_index, num_rows, channels, compute, backend):
+    """One output as :func:`~e3kernels.ops.equivariant_convolution` (cuex's ``ir_mul``
+    buffers: segment-major, channels inner)."""
+    def cast(x):
+        if compute == jnp.float64 or x.dtype == jnp.float64:
+            return x.astype(compute)
+        return x
+
+    plan = form.plan
+    weights = jnp.broadcast_to(cast(inputs[form.weights]), (num_rows, plan.num_paths * channels))
+    harmonics = jnp.broadcast_to(cast(inputs[form.harmonics]), (num_rows, plan.dim_sh))
+    features = cast(inputs[form.features])
+    num_features = features.shape[0]
+    features = jnp.swapaxes(features.reshape(num_features, plan.dim_in, channels), 1, 2)
+    senders = in_index[form.features]
+    if senders is None:
+        senders = jnp.arange(num_rows) if num_features == num_rows else jnp.zeros(num_rows, jnp.int32)
+    receivers = jnp.arange(num_rows) if out_index is None else out_index
+    num_nodes = max(num_features, out.shape[0])
+    features = jnp.pad(features, ((0, num_nodes - num_features), (0, 0), (0, 0)))
+    messages = dropping_convolution(features, harmonics, weights.reshape(num_rows, plan.num_paths, channels),
+                                    senders, receivers, plan, 1.0, backend)
+    summed = jnp.swapaxes(messages[: out.shape[0]], 1, 2)
+    return summed.reshape(out.shape[0], plan.dim_out * channels).astype(out.dtype)
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Hashable
 
 import e3nn_jax as e3nn
 import jax
@@ -290,31 +291,36 @@ class ConvolutionPlan:
     e3nn's output irreps (sorted and regrouped); each of its ``num_paths`` irreps (counted
     with multiplicity) has its own weight per edge and channel, and ``path_of_column[q]``
     is the irrep column ``q`` belongs to. Build it with :func:`convolution_plan`.
+
+    A plan read from another library's description (``e3kernels.cue``: a cuequivariance
+    polynomial) has no irreps (``None``) and says where its table comes from in
+    ``origin``; plans compare by every field but the table, which those determine.
     """
 
-    irreps_in: e3nn.Irreps
-    irreps_sh: e3nn.Irreps
+    irreps_in: e3nn.Irreps | None
+    irreps_sh: e3nn.Irreps | None
     filter_ir_out: tuple[e3nn.Irrep, ...] | None
-    irrep_normalization: str
-    irreps_out: e3nn.Irreps
+    irrep_normalization: str | None
+    irreps_out: e3nn.Irreps | None
     path_of_column: tuple[int, ...]
     table: np.ndarray = dataclasses.field(compare=False, hash=False, repr=False)
+    origin: Hashable = None
 
     @property
     def dim_in(self) -> int:
-        return self.irreps_in.dim
+        return self.table.shape[0]
 
     @property
     def dim_sh(self) -> int:
-        return self.irreps_sh.dim
+        return self.table.shape[1]
 
     @property
     def dim_out(self) -> int:
-        return self.irreps_out.dim
+        return self.table.shape[2]
 
     @property
     def num_paths(self) -> int:
-        return self.irreps_out.num_irreps
+        return max(self.path_of_column, default=-1) + 1
 
 
 def convolution_plan(irreps_in, irreps_sh, filter_ir_out=None, *,

@@ -129,10 +129,18 @@ def equivariant_convolution(
     for argument, index in (("senders", senders), ("receivers", receivers)):
         check_indices_in_range(OP, argument, index, x.shape[0], bound=f"x has {x.shape[0]} nodes")
     avg_num_neighbors = checked_average(avg_num_neighbors)
-    dtype = jnp.result_type(x, sh, weights.dtype)
     if radial is not None:
+        dtype = jnp.result_type(x, sh, weights.dtype)
         return _radial_convolution(x, sh, hidden, matrix, senders, receivers, plan, avg_num_neighbors,
                                    backend, dtype, matmul_precision(OP, precision))
+    return dropping_convolution(x, sh, weights, senders, receivers, plan, avg_num_neighbors, backend)
+
+
+def dropping_convolution(x, sh, weights, senders, receivers, plan: ConvolutionPlan, avg_num_neighbors: float,
+                         backend):
+    """:func:`equivariant_convolution` on checked arguments and formed weights, where
+    out-of-range indices, concrete or traced, drop their edge (``e3kernels.cue``'s rule)."""
+    dtype = jnp.result_type(x, sh, weights)
     impl = _backend.select(
         OP,
         backend,
