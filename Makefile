@@ -64,7 +64,7 @@ COMPILE_STAMP := $(COMPILE_VENV)/.installed
 $(COMPILE_STAMP): pyproject.toml
 	test -x $(COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(COMPILE_VENV)
 	$(COMPILE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(COMPILE_VENV)/bin/python -m pip install --quiet -e ".[compile-check,peers]"  # peers: e3j's Mosaic kernel
+	$(COMPILE_VENV)/bin/python -m pip install --quiet -e ".[compile-check,peers,cue]"  # peers: e3j's Mosaic kernel; cue: the cue model entries
 	touch $(COMPILE_STAMP)
 
 # COMPILE_ARGS="--targets H100 --entries indexed_linear" for a subset

@@ -410,7 +410,7 @@ def cue_model(rows: int, platform: str) -> list[Candidate]:
     """A MACE-style model written for cuequivariance-jax (``bench.cue_mace``) on a random
     liquid of ``rows`` atoms: every op ``cuex`` ``method="naive"`` (what mace-jax runs off
     NVIDIA GPUs), against the same function traced inside ``e3kernels.cue.routed`` (its
-    Linears and species skip, two-mode, stay on cuex). One parameter tree."""
+    species skip, a fully connected product, stays on cuex). One parameter tree."""
     from bench import cue_mace
     from e3kernels import cue as e3cue
 

@@ -1,30 +1,36 @@
-"""cuequivariance-jax's segmented polynomials on e3kernels' sparse-polynomial engine.
+"""cuequivariance-jax's segmented polynomials on e3kernels' ops and engine.
 
 :func:`segmented_polynomial` and :func:`equivariant_polynomial` take the arguments of
 ``cuequivariance_jax`` 0.13's functions of the same names and compute the same thing. Where
 ``cuex`` evaluates a polynomial on CPU and TPU as per-path einsums (``method="naive"``;
-its fast methods are CUDA binaries), these run it on the engine of
-:func:`e3kernels.ops.symmetric_contraction`: one term-loop program (jax.numpy on CPU,
-Triton on GPU, Mosaic on TPU) whose derivatives of every order are the same program with
-derived term lists (:mod:`e3kernels.sparse_polynomial`).
+its fast methods are CUDA binaries), these run it on e3kernels (jax.numpy on CPU, Triton
+on GPU, Mosaic on TPU), derivatives of every order included. Each output takes the first
+of these forms that it has:
 
-What runs: every polynomial whose tensor products are *uniform 1-d* once canonical
-(``cuex``'s ``uniform_1d`` condition): after flattening the coefficient modes and
-squeezing unit modes, every operand's segments are all ``(u,)`` (one channel mode, the
-same ``u`` throughout) or all scalars, broadcast over ``u``. MACE's interaction
-(``cue.descriptors.channelwise_tensor_product``), its product basis
-(``cuequivariance.group_theory.experimental.mace.symmetric_contraction``) and
-``cue.descriptors.spherical_harmonics`` are of this kind. A path ``c * a[i] * b[j] -> out[k]``
-becomes a term ``out[n, u, k] += c * a[n, u, i] * b[n, u, j]`` over per-row *variables*
-(every input's segments), so the polynomial, its input gradients and theirs are
-:class:`~e3kernels.symmetric_terms.SparsePolynomial` s.
+1. **A linear map** (``cue.descriptors.linear``: ``w[p][u, v] * x[k][i, u] -> out[q][i, v]``,
+   segments ``(ir, mul)`` or ``(mul, ir)``; weights shared or gathered by an index):
+   :func:`e3kernels.ops.indexed_linear`, the path coefficients as its ``path_weight``.
+2. **A channelwise tensor product** (MACE's interaction,
+   ``cue.descriptors.channelwise_tensor_product``: ``w[p] * x[i] * sh[j] -> out[q]`` per
+   channel, one weight per output segment): :func:`e3kernels.ops.equivariant_convolution`,
+   the node features gathered and the messages scattered by the call's indices inside it.
+3. **Any uniform 1-d polynomial** (``cuex``'s ``uniform_1d`` condition: after flattening
+   the coefficient modes and squeezing unit modes, every operand's segments are all
+   ``(u,)``, one channel mode of one extent, or all scalars, broadcast over ``u``; MACE's
+   product basis, ``cuequivariance.group_theory.experimental.mace.symmetric_contraction``,
+   and ``cue.descriptors.spherical_harmonics`` among them): the sparse-polynomial engine
+   of :func:`e3kernels.ops.symmetric_contraction`. A path ``c * a[i] * b[j] -> out[k]`` is a
+   term ``out[n, u, k] += c * a[n, u, i] * b[n, u, j]`` over per-row *variables* (every
+   input's segments), so the polynomial, its input gradients and theirs are
+   :class:`~e3kernels.symmetric_terms.SparsePolynomial` s, one term-loop program each.
 
 Rows: one batch axis (or none). An input is per row, shared (batch size 1) or gathered by
 an index array; an output is per row, a sum over rows (batch size 1), or scattered
 (summed) by an index array, as in a message-passing convolution. Gathered values outside
-the input are zeros; scattered rows outside the output are dropped.
+the input are zeros (a linear map's weight index must be in range); scattered rows
+outside the output are dropped.
 
-Anything else (two or more channel modes, as ``cue.descriptors.linear`` and
+Anything else (other products of two or more channel modes, as
 ``fully_connected_tensor_product``; ``cuex.Repeats``; several batch axes) raises
 ``NotImplementedError`` naming what is unsupported: call ``cuex`` with ``method="naive"``
 for it. :func:`routed` sends a program's ``cuex`` calls here (see its docstring).
@@ -62,8 +68,9 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 from e3kernels import backend as _backend
 from e3kernels.grouping import shared_row_tiles
-from e3kernels.irreps import ConvolutionPlan
+from e3kernels.irreps import ConvolutionPlan, LinearBlock, LinearPlan
 from e3kernels.ops.equivariant_convolution import dropping_convolution
+from e3kernels.ops.indexed_linear import indexed_linear
 from e3kernels.sparse_polynomial import REFERENCE, polynomial, with_tile_rows
 from e3kernels.symmetric_terms import SparsePolynomial, Term, make_polynomial
 
@@ -229,6 +236,76 @@ def _convolution_forms(poly: SparsePolynomial, used: tuple[int, ...],
     return tuple(forms)
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearForm:
+    """A polynomial that is one equivariant linear map (``cue.descriptors.linear``): a
+    single tensor product ``weights[p][u, v] * features[k][i, u] -> out[q][i, v]`` per path,
+    run as :func:`e3kernels.ops.indexed_linear` on e3nn's ``(mul, ir)`` layout, the path's
+    coefficient its block's ``path_weight``."""
+
+    weights: int  # input numbers
+    features: int
+    features_ir_first: bool  # segments (i, u): cuex's ir_mul; else (u, i): mul_ir
+    output_ir_first: bool
+    in_segments: tuple[tuple[int, int], ...]  # per features segment: (ir_dim, mul)
+    out_segments: tuple[tuple[int, int], ...]
+    block_weights: tuple[tuple[int, int, int, bool], ...]  # per block: (start, u, v, stored (v, u))
+    plan: LinearPlan
+
+
+@functools.cache
+def linear_form(poly: cue.SegmentedPolynomial) -> LinearForm | None:
+    """``poly`` as a :class:`LinearForm`, or ``None`` when it is not one."""
+    canonical = poly.consolidate()
+    if canonical.num_inputs != 2 or canonical.num_outputs != 1 or len(canonical.operations) != 1:
+        return None
+    ((operation, stp),) = canonical.operations
+    if stp.coefficient_subscripts or sorted(operation.buffers) != [0, 1, 2] or operation.buffers[2] != 2:
+        return None
+    modes = [tuple(operand) for operand in str(stp.subscripts).split("+")[0].split(",")]
+    weights_k, features_k = (0, 1) if len(modes[0]) == 2 and len(set(modes[0])) == 2 else (1, 0)
+    w_modes, x_modes, out_modes = modes[weights_k], modes[features_k], modes[2]
+    if len(w_modes) != 2 or len(x_modes) != 2 or len(out_modes) != 2:
+        return None
+    ir = set(x_modes) & set(out_modes)
+    if len(ir) != 1 or ir & set(w_modes) or len(set(x_modes) | set(out_modes) | set(w_modes)) != 3:
+        return None
+    (ir,) = ir
+    u = next(m for m in x_modes if m != ir)
+    v = next(m for m in out_modes if m != ir)
+    if set(w_modes) != {u, v}:
+        return None
+    ir_first_in, ir_first_out, transposed = x_modes[0] == ir, out_modes[0] == ir, w_modes[0] == v
+    in_shapes = [seg if ir_first_in else seg[::-1] for seg in stp.operands[features_k].segments]
+    out_shapes = [seg if ir_first_out else seg[::-1] for seg in stp.operands[2].segments]
+    starts_in = np.cumsum([0] + [a * b for a, b in in_shapes])
+    starts_out = np.cumsum([0] + [a * b for a, b in out_shapes])
+    starts_w = np.cumsum([0] + [a * b for a, b in stp.operands[weights_k].segments])
+    blocks, block_weights, written = [], [], set()
+    for path in stp.paths:
+        p, k, q = path.indices[weights_k], path.indices[features_k], path.indices[2]
+        (ir_dim, mul_in), (_, mul_out) = in_shapes[k], out_shapes[q]
+        blocks.append(LinearBlock(int(starts_in[k]), int(starts_out[q]), mul_in, mul_out, ir_dim,
+                                  float(np.asarray(path.coefficients).item())))
+        block_weights.append((int(starts_w[p]), mul_in, mul_out, transposed))
+        written.add(q)
+    plan = LinearPlan(int(starts_in[-1]), int(starts_out[-1]), tuple(blocks), (),
+                      tuple(q not in written for q in range(len(out_shapes))))
+    return LinearForm(operation.buffers[weights_k], operation.buffers[features_k], ir_first_in, ir_first_out,
+                      tuple(map(tuple, in_shapes)), tuple(map(tuple, out_shapes)), tuple(block_weights), plan)
+
+
+def why_unsupported(poly: cue.SegmentedPolynomial) -> str | None:
+    """Why :func:`segmented_polynomial` cannot run ``poly``, or ``None`` when it can."""
+    if linear_form(poly) is not None:
+        return None
+    try:
+        uniform_plan(poly)
+    except NotImplementedError as error:
+        return str(error)
+    return None
+
+
 def _unsupported(poly, why: str) -> str:
     return (f"{OP}: this polynomial is not supported: {why}. Call cuequivariance_jax."
             f"segmented_polynomial(..., method='naive') for it.\n{poly}")
@@ -271,10 +348,14 @@ def segmented_polynomial(
     del method, name
     if precision != "undefined":
         raise ValueError(f"{OP}: precision is not supported (as in cuex); use math_dtype")
-    plan = uniform_plan(polynomial)
+    linear = linear_form(polynomial)
+    plan = uniform_plan(polynomial) if linear is None else None
     compute = _math_dtype(math_dtype, options, inputs)
-    inputs, outs, in_index, out_index = _normalized(polynomial, plan, inputs, outputs_shape_dtype, indices)
+    inputs, outs, in_index, out_index = _normalized(polynomial, inputs, outputs_shape_dtype, indices)
     num_rows = _num_rows(inputs, in_index, outs, out_index)
+    if linear is not None:
+        result = _linear(linear, inputs, in_index, outs[0], out_index[0], num_rows, compute, backend)
+        return [result.reshape(_requested_shapes(polynomial, outputs_shape_dtype)[0].shape)]
     results = []
     for o, (out, index) in enumerate(zip(outs, out_index)):
         terms = plan.outputs[o]
@@ -378,9 +459,10 @@ def routed(*, methods: Sequence[str] = _ROUTED_METHODS, unsupported: str = "rais
     Args:
       methods: the ``method`` values to route (``"uniform_1d"`` too by default: its CUDA
         kernel is not available off NVIDIA GPUs, and this is the same computation).
-      unsupported: a polynomial e3kernels does not run (two channel modes, as
-        ``cue.descriptors.linear``): ``"raise"`` (``NotImplementedError``), or ``"cuex"``
-        to evaluate it with cuex itself (``method="naive"``), logged once per polynomial.
+      unsupported: a polynomial e3kernels does not run (as
+        ``cue.descriptors.fully_connected_tensor_product``): ``"raise"``
+        (``NotImplementedError``), or ``"cuex"`` to evaluate it with cuex itself
+        (``method="naive"``), logged once per polynomial.
       backend: e3kernels' backend for the routed calls (``None``: the current setting).
     """
     if unsupported not in ("raise", "cuex"):
@@ -397,16 +479,14 @@ def routed(*, methods: Sequence[str] = _ROUTED_METHODS, unsupported: str = "rais
 def _route(polynomial, inputs, outputs_shape_dtype, indices=None, *, method="", methods, unsupported,
            backend, cuex_function, **kwargs):
     if method in methods:
-        try:
-            uniform_plan(polynomial)
-        except NotImplementedError:
-            if unsupported == "raise":
-                raise
-            _log_unrouted(polynomial)
-            method = "naive"
-        else:
+        why = why_unsupported(polynomial)
+        if why is None:
             return segmented_polynomial(polynomial, inputs, outputs_shape_dtype, indices, method=method,
                                         backend=backend, **kwargs)
+        if unsupported == "raise":
+            raise NotImplementedError(why)
+        _log_unrouted(polynomial)
+        method = "naive"
     return cuex_function(polynomial, inputs, outputs_shape_dtype, indices, method=method, **kwargs)
 
 
@@ -441,7 +521,7 @@ def _requested_shapes(polynomial, outputs_shape_dtype):
             for o, op in zip(outputs_shape_dtype, polynomial.outputs)]
 
 
-def _normalized(polynomial, plan: UniformPlan, inputs, outputs_shape_dtype, indices):
+def _normalized(polynomial, inputs, outputs_shape_dtype, indices):
     """Inputs as ``(B, size)`` arrays, outputs as ``(B, size)`` types, indices as ``(R,)``
     int arrays or ``None``; errors name the argument."""
     inputs, outputs_shape_dtype = list(inputs), list(outputs_shape_dtype)
@@ -534,6 +614,51 @@ def _convolution_form(terms: OutputTerms, inputs, in_index, out, out_index, num_
         if in_index[form.weights] is None and in_index[form.harmonics] is None:
             return form
     return None
+
+
+def _linear(form: LinearForm, inputs, in_index, out, out_index, num_rows, compute, backend):
+    """The output as :func:`~e3kernels.ops.indexed_linear`: features to e3nn's ``(mul, ir)``
+    layout, shared weights as one weight set, gathered ones selected per row."""
+    def cast(x):
+        return x.astype(compute) if compute == jnp.float64 or x.dtype == jnp.float64 else x
+
+    weights, features = cast(inputs[form.weights]), cast(inputs[form.features])
+    if in_index[form.features] is not None:
+        features = jnp.take(features, in_index[form.features], axis=0, mode="fill", fill_value=0)
+    features = jnp.broadcast_to(features, (num_rows, features.shape[-1]))
+    index = in_index[form.weights]
+    if index is None and weights.shape[0] != 1:
+        raise NotImplementedError(f"{OP}: inputs[{form.weights}]: a linear map's weights shared "
+                                  "(batch 1) or gathered by an index; got one set per row")
+    if index is None:
+        index = jnp.zeros((num_rows,), jnp.int32)
+    blocks = []
+    for start, mul_in, mul_out, transposed in form.block_weights:
+        w = weights[:, start : start + mul_in * mul_out]
+        blocks.append(jnp.swapaxes(w.reshape(-1, mul_out, mul_in), 1, 2) if transposed
+                      else w.reshape(-1, mul_in, mul_out))
+    x = _relayout(features, form.in_segments, to_ir_first=False, ir_first=form.features_ir_first)
+    y = indexed_linear(x, blocks, index, form.plan, backend=backend)
+    y = _relayout(y, form.out_segments, to_ir_first=form.output_ir_first, ir_first=False)
+    if out_index is not None:
+        y = jax.ops.segment_sum(y, out_index, num_segments=out.shape[0])
+    elif out.shape[0] == 1 and num_rows > 1:
+        y = jnp.sum(y, axis=0, keepdims=True)
+    return y.astype(out.dtype)
+
+
+def _relayout(x, segments, *, to_ir_first: bool, ir_first: bool):
+    """``x``'s segments ``(ir_dim, mul)`` from one layout (``ir_first``: ``(ir, mul)``) to
+    the other; unchanged when they agree."""
+    if to_ir_first == ir_first:
+        return x
+    parts, start = [], 0
+    for ir_dim, mul in segments:
+        block = x[:, start : start + ir_dim * mul]
+        shape = (x.shape[0], ir_dim, mul) if ir_first else (x.shape[0], mul, ir_dim)
+        parts.append(jnp.swapaxes(block.reshape(shape), 1, 2).reshape(x.shape[0], -1))
+        start += ir_dim * mul
+    return jnp.concatenate(parts, axis=1) if parts else x
 
 
 def _convolve(form: ConvolutionForm, inputs, in_index, out, out_index, num_rows, channels, compute, backend):

@@ -105,36 +105,40 @@ def segmented_polynomial(polynomial, inputs: Sequence, out_rows: Sequence[int], 
                          out_indices: Sequence) -> list[jax.Array]:
     """A cuequivariance segmented polynomial (``e3kernels.cue``), path by path, on
     ``(B, size)`` inputs: each input gathered by its index (``None``: per row, or shared
-    when ``B = 1``), every path's ``coefficient * prod of its segments`` (a segment is
-    ``(u,)``, or a scalar broadcast over ``u``) added to its output segment, each output
-    scattered by its index (``None``: per row, or the sum over rows when ``out_rows`` is 1).
-    Sums in float32 (float64 for float64 inputs); outputs of that dtype."""
-    canonical = (polynomial.consolidate().flatten_coefficient_modes().squeeze_modes()
-                 .canonicalize_subscripts())
+    when ``B = 1``), every path's coefficient times the einsum of its segments (the tensor
+    product's subscripts) added to its output segment, each output scattered by its index
+    (``None``: per row, or the sum over rows when ``out_rows`` is 1). Sums in float32
+    (float64 for float64 inputs); outputs of that dtype."""
+    canonical = polynomial.consolidate().flatten_coefficient_modes()
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(*inputs))
     gathered = [jnp.asarray(x, dtype) if i is None else jnp.asarray(x, dtype)[i]
                 for x, i in zip(inputs, in_indices)]
     num_rows = max(x.shape[0] for x in gathered)
-    segments = [
-        [x[:, op.segment_slices()[s]].reshape((x.shape[0],) + op.segments[s]) for s in range(op.num_segments)]
-        for x, op in zip(gathered, canonical.inputs)
-    ]
-    outs = [[0.0] * op.num_segments for op in canonical.outputs]
+    gathered = [jnp.broadcast_to(x, (num_rows, x.shape[1])) for x in gathered]
+    outs = [jnp.zeros((num_rows, op.size), dtype) for op in canonical.outputs]
     for operation, stp in canonical.operations:
+        subscripts = str(stp.subscripts).split("+")[0].split(",")
         for path in stp.paths:
-            value, target = float(jnp.asarray(path.coefficients)), None
-            for buffer, segment in zip(operation.buffers, path.indices):
+            factors, terms, target = [], [], None
+            for buffer, segment, modes in zip(operation.buffers, path.indices, subscripts):
                 if buffer >= canonical.num_inputs:
-                    target = (buffer - canonical.num_inputs, segment)
-                else:
-                    factor = segments[buffer][segment]
-                    value = value * (factor if factor.ndim == 2 else factor[:, None])
-            o, segment = target
-            outs[o][segment] = outs[o][segment] + value
+                    target = (buffer - canonical.num_inputs, segment, modes)
+                    continue
+                op = canonical.inputs[buffer]
+                factors.append(gathered[buffer][:, op.segment_slices()[segment]].reshape(
+                    (num_rows,) + op.segments[segment]))
+                terms.append("N" + modes)
+            o, segment, modes = target
+            if factors:
+                product = jnp.einsum(",".join(terms) + "->N" + modes, *factors,
+                                     precision=jax.lax.Precision.HIGHEST)
+            else:  # a constant term
+                product = jnp.ones((num_rows,) + canonical.outputs[o].segments[segment], dtype)
+            value = float(jnp.asarray(path.coefficients)) * product
+            outs[o] = outs[o].at[:, canonical.outputs[o].segment_slices()[segment]].add(
+                value.reshape(num_rows, -1))
     results = []
-    for o, op in enumerate(canonical.outputs):
-        width = op.segments[0][0] if op.segments and op.segments[0] else 1
-        rows = jnp.concatenate([jnp.broadcast_to(v, (num_rows, width)) for v in outs[o]], axis=1)
+    for o, rows in enumerate(outs):
         if out_indices[o] is not None:
             rows = jax.ops.segment_sum(rows, out_indices[o], num_segments=out_rows[o])
         elif out_rows[o] == 1 and num_rows > 1:

@@ -88,11 +88,27 @@ SMALL = {
     "product basis": lambda: product_case(product_basis(4, 2, "4x0e + 4x1o"), nodes=9, species=3),
     "product basis, gathered weights": lambda: _no_indices(
         product_case(product_basis(4, 2, "4x0e + 4x1o"), nodes=9, species=3)),
+    "linear": lambda: linear_case(None),
+    "linear, species weights": lambda: linear_case(3),
+    "linear, mul_ir": lambda: linear_case(None, mul_ir=True),
     "spherical harmonics": lambda: (
         cue.descriptors.spherical_harmonics(cue.SO3(1), [0, 1, 2, 3]).polynomial,
         [jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)],
         [jax.ShapeDtypeStruct((6, -1), jnp.float32)], None),
 }
+
+
+def linear_case(species: int | None, mul_ir: bool = False, seed=0):
+    """``cue.descriptors.linear``: weights shared (``species=None``) or gathered per row by
+    an index; ``mul_ir``: the same map on ``(mul, ir)`` segments (mace-jax's public layout)."""
+    p = cue.descriptors.linear(irreps("4x0e + 4x1o + 2x1o + 3x2e"), irreps("3x0e + 3x1o + 2x3o")).polynomial
+    if mul_ir:
+        p = cue.SegmentedPolynomial.eval_last_operand(p.operations[0][1].add_or_transpose_modes("uv,ui,vi"))
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(species or 1, p.inputs[0].size)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(7, p.inputs[1].size)), jnp.float32)
+    index = None if species is None else [jnp.asarray(rng.integers(0, species, 7), jnp.int32), None, None]
+    return p, [w, x], [jax.ShapeDtypeStruct((7, -1), jnp.float32)], index
 
 
 def _no_indices(case):
@@ -130,7 +146,7 @@ def _second_order(evaluate, p, inputs, outs, indices, wrt: int):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["channelwise, every edge kept", "product basis"])
+@pytest.mark.parametrize("case", ["channelwise, every edge kept", "product basis", "linear, species weights"])
 def test_derivatives_to_second_order_match_cuex(case, backend):
     """(With every edge kept: cuex's naive gradient leaks through a dropped edge, see
     :func:`test_dropped_edge_never_leaks`.)"""
@@ -253,16 +269,15 @@ def test_routed_sends_cuex_calls_here_and_restores():
 
 
 def test_routed_unsupported_raises_or_uses_cuex_when_asked():
-    d = cue.descriptors.linear(irreps("4x0e + 4x1o"), irreps("3x0e + 3x1o"))
+    d = cue.descriptors.fully_connected_tensor_product(irreps("4x0e + 4x1o"), irreps("3x0e"), irreps("2x1o"))
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.normal(size=(1, d.inputs[0].dim)), jnp.float32)
-    x = jnp.asarray(rng.normal(size=(5, d.inputs[1].dim)), jnp.float32)
+    inputs = [jnp.asarray(rng.normal(size=(n, op.dim)), jnp.float32) for n, op in zip((1, 5, 5), d.inputs)]
     out = [jax.ShapeDtypeStruct((5, d.outputs[0].dim), jnp.float32)]
-    expected = cuex.segmented_polynomial(d.polynomial, [w, x], out, method="naive")[0]
+    expected = cuex.segmented_polynomial(d.polynomial, inputs, out, method="naive")[0]
     with e3cue.routed(), pytest.raises(NotImplementedError, match="channel modes"):
-        cuex.segmented_polynomial(d.polynomial, [w, x], out, method="naive")
+        cuex.segmented_polynomial(d.polynomial, inputs, out, method="naive")
     with e3cue.routed(unsupported="cuex"):
-        got = cuex.segmented_polynomial(d.polynomial, [w, x], out, method="naive")[0]
+        got = cuex.segmented_polynomial(d.polynomial, inputs, out, method="naive")[0]
     assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -283,7 +298,11 @@ def test_clear_errors():
         e3cue.segmented_polynomial(p, [inputs[0][:-1]] + inputs[1:], outs, indices)
     fctp = cue.descriptors.fully_connected_tensor_product(irreps("2x0e"), irreps("3x0e"), irreps("2x0e"))
     with pytest.raises(NotImplementedError, match="channel modes.*method='naive'"):
-        e3cue.uniform_plan(fctp.polynomial)
+        e3cue.segmented_polynomial(fctp.polynomial, [jnp.ones((1, 12)), jnp.ones((4, 2)), jnp.ones((4, 3))],
+                                   [jax.ShapeDtypeStruct((4, 2), jnp.float32)])
+    p, (w, x), outs, _ = linear_case(None)
+    with pytest.raises(NotImplementedError, match=r"inputs\[0\]: a linear map's weights shared"):
+        e3cue.segmented_polynomial(p, [jnp.concatenate([w] * 7), x], outs)
 
 
 # ---- a MACE-style model written for cuex (bench/cue_mace.py) ------------------------------------
@@ -291,9 +310,9 @@ def test_clear_errors():
 
 def test_mace_style_model_routed_equals_naive():
     """The model cuex's MACE example and mace-jax's adapters describe, traced inside
-    ``routed`` (its interaction, product basis and harmonics on e3kernels; its Linears and
-    species skip, two-mode, on cuex): energy, forces and training gradients equal the
-    all-naive run's."""
+    ``routed`` (its interaction, product basis, Linears and harmonics on e3kernels; its
+    species skip, a fully connected product, on cuex): energy, forces and training
+    gradients equal the all-naive run's."""
     from bench import cue_mace
     from e3kernels.models import mace
 
@@ -316,7 +335,8 @@ def test_mace_style_model_routed_equals_naive():
 
     expected = jax.jit(run)(params, *graph)
     jaxpr = str(jax.make_jaxpr(routed)(params, *graph))
-    assert "name='equivariant_convolution'" in jaxpr and "name='e3kernels.cue.segmented_polynomial'" in jaxpr
+    for op in ("equivariant_convolution", "indexed_linear", "e3kernels.cue.segmented_polynomial"):
+        assert f"name='{op}'" in jaxpr, op
     got = jax.jit(routed)(params, *graph)
     assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, what="energy")
     assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5, what="forces")
