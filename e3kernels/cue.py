@@ -92,7 +92,9 @@ class ConvolutionForm:
     weights: int  # input numbers
     features: int
     harmonics: int
-    plan: ConvolutionPlan
+    plan: ConvolutionPlan  # its output columns sorted by path (the op's paths are contiguous)
+    #: ``plan``'s column ``k`` is the polynomial's output segment ``column_order[k]``
+    column_order: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,12 +229,14 @@ def _convolution_forms(poly: SparsePolynomial, used: tuple[int, ...],
             columns = [path.get(q, -1) for q in range(poly.num_out)]
             for q in range(1, len(columns)):  # a column without terms joins its left neighbour's path
                 columns[q] = columns[q - 1] if columns[q] < 0 else columns[q]
-            if columns[0] < 0 or list(columns) != sorted(columns) or set(columns) != set(
-                    range(poly.in_sizes[weights])):
+            if columns[0] < 0 or set(columns) != set(range(poly.in_sizes[weights])):
                 continue
-            plan = ConvolutionPlan(None, None, None, None, None, tuple(columns), table,
+            order = np.argsort(columns, kind="stable")
+            table = np.ascontiguousarray(table[:, :, order])
+            plan = ConvolutionPlan(None, None, None, None, None, tuple(int(columns[q]) for q in order), table,
                                    origin=("cue", table.shape, table.tobytes()))
-            forms.append(ConvolutionForm(used[weights], used[features], used[scalar[0]], plan))
+            forms.append(ConvolutionForm(used[weights], used[features], used[scalar[0]], plan,
+                                         tuple(int(q) for q in order)))
     return tuple(forms)
 
 
@@ -683,7 +687,9 @@ def _convolve(form: ConvolutionForm, inputs, in_index, out, out_index, num_rows,
     features = jnp.pad(features, ((0, num_nodes - num_features), (0, 0), (0, 0)))
     messages = dropping_convolution(features, harmonics, weights.reshape(num_rows, plan.num_paths, channels),
                                     senders, receivers, plan, 1.0, backend)
-    summed = jnp.swapaxes(messages[: out.shape[0]], 1, 2)
+    summed = jnp.swapaxes(messages[: out.shape[0]], 1, 2)  # (nodes, plan's columns, channels)
+    if form.column_order != tuple(range(plan.dim_out)):
+        summed = summed[:, np.argsort(form.column_order), :]
     return summed.reshape(out.shape[0], plan.dim_out * channels).astype(out.dtype)
 
 

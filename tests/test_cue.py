@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, lowered_text
 from cuequivariance.group_theory.experimental.mace import symmetric_contraction
 
 from e3kernels import cue as e3cue
@@ -30,9 +30,11 @@ def up_to(lmax: int, mul: int = 1) -> str:
     return " + ".join(f"{mul}x{degree}{'eo'[degree % 2]}" for degree in range(lmax + 1))
 
 
-def channelwise(mul: int, lmax: int):
+def channelwise(mul: int, lmax: int, simplify: bool = False):
+    """MACE's interaction; ``simplify``: output irreps merged (cuex's MACE example), so each
+    output irrep interleaves several paths' channels."""
     node, sh = up_to(lmax, mul), up_to(lmax)
-    return cue.descriptors.channelwise_tensor_product(irreps(node), irreps(sh), irreps(sh))
+    return cue.descriptors.channelwise_tensor_product(irreps(node), irreps(sh), irreps(sh), simplify)
 
 
 def product_basis(mul: int, lmax: int, keep: str, degrees=(1, 2, 3)):
@@ -83,6 +85,8 @@ def spec_of(p, inputs, outs, indices):
 
 SMALL = {
     "channelwise": lambda: conv_case(channelwise(4, 2), nodes=5, edges=11),
+    "channelwise, merged output irreps": lambda: conv_case(channelwise(4, 2, simplify=True), nodes=5,
+                                                           edges=11),
     "channelwise, every edge kept": lambda: conv_case(channelwise(4, 2), nodes=5, edges=11, drop=False),
     "channelwise, no indices": lambda: _no_indices(conv_case(channelwise(4, 2), nodes=5, edges=11)),
     "product basis": lambda: product_case(product_basis(4, 2, "4x0e + 4x1o"), nodes=9, species=3),
@@ -125,6 +129,9 @@ def _no_indices(case):
 @pytest.mark.parametrize("case", SMALL)
 def test_values_match_cuex_and_spec(case, backend):
     p, inputs, outs, indices = SMALL[case]()
+    if case.startswith("channelwise"):  # the form it runs in
+        jaxpr = str(jax.make_jaxpr(lambda *xs: ours(backend)(p, list(xs), outs, indices))(*inputs))
+        assert "name='equivariant_convolution'" in jaxpr
     expected = naive(p, inputs, outs, indices)
     got = ours(backend)(p, inputs, outs, indices)
     for g, e, s in zip(got, expected, spec_of(p, inputs, outs, indices or [None] * (len(inputs) + 1))):
@@ -342,3 +349,28 @@ def test_mace_style_model_routed_equals_naive():
     assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5, what="forces")
     for g, e in zip(jax.tree.leaves(got[2]), jax.tree.leaves(expected[2])):
         assert_close(g, e, rtol=1e-4, atol=1e-5, what="training gradient")
+
+
+@pytest.mark.parametrize("platform, marker, linear_kernel", [
+    ("cuda", "__gpu$xla.gpu.triton", "indexed_linear_gpu"), ("tpu", "tpu_custom_call", "indexed_linear_tpu")])
+def test_mace_style_model_training_lowers_to_kernels(platform, marker, linear_kernel):
+    """The routed model's training gradient (energy and forces, differentiated twice),
+    lowered for GPU and TPU with backend 'pallas': its interaction, Linears and product
+    basis (and harmonics) are our kernels."""
+    from bench import cue_mace
+
+    config = cue_mace.Config(channels=8, layers=2)
+    atoms, edges = 12, 60
+    params = cue_mace.init(config, jax.random.PRNGKey(0))
+    graph = (jnp.zeros((atoms, 3)), jnp.zeros(atoms, jnp.int32), jnp.zeros(edges, jnp.int32),
+             jnp.ones(edges, jnp.int32), jnp.ones((edges, 3)), jnp.zeros((atoms, 3)))
+
+    def training_grad(params, *graph):
+        with e3cue.routed(unsupported="cuex", backend="pallas"):
+            return jax.grad(cue_mace.training_loss)(params, *graph, config)
+
+    text = lowered_text(training_grad, platform, params, *graph)
+    kernels = ("convolution_node_partial", "convolution_weights_partial", linear_kernel, "sparse_polynomial")
+    for kernel in kernels:
+        assert kernel in text, kernel
+    assert text.count(marker) >= 10
