@@ -111,16 +111,8 @@ class UniformPlan:
     """A cuequivariance polynomial in the engine's terms (:func:`uniform_plan`)."""
 
     channels: int  # u, the one channel mode's extent (1 when no operand has it)
-    in_segments: tuple[int, ...]  # per input, its number of segments
     in_channelled: tuple[bool, ...]  # per input: segments are (u,), else scalars (broadcast)
-    out_segments: tuple[int, ...]
     outputs: tuple[OutputTerms, ...]
-
-    def in_size(self, i: int) -> int:
-        return self.in_segments[i] * (self.channels if self.in_channelled[i] else 1)
-
-    def out_size(self, o: int) -> int:
-        return self.out_segments[o] * self.channels
 
 
 @functools.cache
@@ -179,9 +171,7 @@ def uniform_plan(poly: cue.SegmentedPolynomial) -> UniformPlan:
     outputs = tuple(_output_terms(terms, canonical, offsets, o) for o, terms in enumerate(per_output))
     return UniformPlan(
         channels=channels,
-        in_segments=tuple(op.num_segments for op in canonical.inputs),
         in_channelled=in_channelled,
-        out_segments=tuple(op.num_segments for op in canonical.outputs),
         outputs=outputs,
     )
 
@@ -380,8 +370,7 @@ def segmented_polynomial(
             key=(static, jnp.dtype(compute).name),
         )
         results.append(impl(*args))
-    return [r.reshape(o.shape if o.shape[-1] != -1 else o.shape[:-1] + (r.shape[-1],))
-            for r, o in zip(results, _requested_shapes(polynomial, outputs_shape_dtype))]
+    return [r.reshape(o.shape) for r, o in zip(results, _requested_shapes(polynomial, outputs_shape_dtype))]
 
 
 def equivariant_polynomial(
