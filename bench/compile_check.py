@@ -222,15 +222,7 @@ def _mace_entries(atoms: int = 1000):
     and e3nn-jax's modules beside it."""
     from bench.workloads import mace_model
 
-    entries = []
-    for candidate in mace_model(atoms, "gpu"):
-        if candidate.name not in (BASELINE, "e3kernels pallas"):
-            continue
-        suffix = f" ({BASELINE})" if candidate.name == BASELINE else ""
-        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), candidate.args)
-        entries += [(f"mace energy+forces{suffix}", candidate.fwd, args),
-                    (f"mace training step{suffix}", candidate.fwd_bwd, args)]
-    return entries
+    return _model_entries("mace", mace_model(atoms, "gpu"), BASELINE, "e3kernels pallas")
 
 
 def _cue_entries(atoms: int = 1000):
@@ -240,14 +232,19 @@ def _cue_entries(atoms: int = 1000):
 
     if not has_cuequivariance():
         return []
+    return _model_entries("cue", cue_model(atoms, "gpu"), CUE_BASELINE, "e3kernels.cue pallas")
+
+
+def _model_entries(model: str, candidates, baseline: str, ours: str):
+    """Energy and forces, and the training step, of the ``baseline`` and ``ours`` candidates."""
     entries = []
-    for candidate in cue_model(atoms, "gpu"):
-        if candidate.name not in (CUE_BASELINE, "e3kernels.cue pallas"):
+    for candidate in candidates:
+        if candidate.name not in (baseline, ours):
             continue
-        suffix = f" ({CUE_BASELINE})" if candidate.name == CUE_BASELINE else ""
+        suffix = f" ({baseline})" if candidate.name == baseline else ""
         args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), candidate.args)
-        entries += [(f"cue energy+forces{suffix}", candidate.fwd, args),
-                    (f"cue training step{suffix}", candidate.fwd_bwd, args)]
+        entries += [(f"{model} energy+forces{suffix}", candidate.fwd, args),
+                    (f"{model} training step{suffix}", candidate.fwd_bwd, args)]
     return entries
 
 
