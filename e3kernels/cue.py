@@ -454,8 +454,8 @@ def routed(*, methods: Sequence[str] = _ROUTED_METHODS, unsupported: str = "rais
         kernel is not available off NVIDIA GPUs, and this is the same computation).
       unsupported: a polynomial e3kernels does not run (as
         ``cue.descriptors.fully_connected_tensor_product``): ``"raise"``
-        (``NotImplementedError``), or ``"cuex"`` to evaluate it with cuex itself
-        (``method="naive"``), logged once per polynomial.
+        (``NotImplementedError``), or ``"cuex"`` to evaluate it with cuex itself, as
+        the call asked, logged once per polynomial.
       backend: e3kernels' backend for the routed calls (``None``: the current setting).
     """
     if unsupported not in ("raise", "cuex"):
@@ -479,13 +479,12 @@ def _route(polynomial, inputs, outputs_shape_dtype, indices=None, *, method="", 
         if unsupported == "raise":
             raise NotImplementedError(why)
         _log_unrouted(polynomial)
-        method = "naive"
     return cuex_function(polynomial, inputs, outputs_shape_dtype, indices, method=method, **kwargs)
 
 
 @functools.cache
 def _log_unrouted(polynomial) -> None:
-    logger.warning("e3kernels.cue.routed: evaluating with cuex (method='naive'), not e3kernels: %s",
+    logger.warning("e3kernels.cue.routed: evaluating with cuex, not e3kernels: %s",
                    str(polynomial).splitlines()[0])
 
 
