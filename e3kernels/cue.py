@@ -720,12 +720,9 @@ def _evaluate(inputs, in_index, out_index, *, static: _Static, config, dtype):
 
 def _kernels(static: _Static, dtype):
     """The Pallas implementations (the symmetric contraction's kernel families)."""
-    from e3kernels.kernels import symmetric_contraction as kernels
-    from e3kernels.kernels._common import MOSAIC, TRITON, TRITON_INTERPRET, why_not_dtype
+    from e3kernels.kernels._common import per_config
+    from e3kernels.kernels.symmetric_contraction import why_too_many_terms
 
-    if (reason := why_not_dtype(dtype)) is not None:
+    if (reason := why_too_many_terms(static.polynomial)) is not None:
         return reason
-    if len(static.polynomial.terms) > kernels.MAX_TERMS:
-        return f"{len(static.polynomial.terms)} terms; the kernels handle at most {kernels.MAX_TERMS}"
-    return {name: functools.partial(_evaluate, static=static, config=config, dtype=jnp.float32)
-            for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))}
+    return per_config(_evaluate, dtype, static=static, dtype=jnp.float32)

@@ -8,6 +8,7 @@ with the CPU reference.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -71,6 +72,15 @@ def why_not_dtype(dtype) -> str | None:
     if jnp.dtype(dtype) == jnp.float64:
         return "float64 inputs run on the reference (the kernels accumulate in float32)"
     return None
+
+
+def per_config(op, dtype, /, **static) -> dict[str, Any] | str:
+    """``{"gpu", "tpu", "interpret"}`` -> ``op`` with that platform's config (Triton, Mosaic,
+    Triton in interpret mode on CPU) and ``static`` bound, or why no kernel takes ``dtype``."""
+    if (reason := why_not_dtype(dtype)) is not None:
+        return reason
+    return {name: functools.partial(op, config=config, **static)
+            for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))}
 
 
 def power_of_two_block(size: int, widest: int | None = None) -> int:

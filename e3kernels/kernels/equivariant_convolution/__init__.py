@@ -33,15 +33,17 @@ in place of ~1.2 GB of weights written and read.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax.numpy as jnp
 
 from e3kernels.grouping import counted_edges
 from e3kernels.irreps import ConvolutionPlan
-from e3kernels.kernels._common import MOSAIC, TRITON, TRITON_INTERPRET, KernelConfig, why_not_dtype
+from e3kernels.kernels._common import MOSAIC as MOSAIC  # re-exported: the configs tests run
 from e3kernels.kernels._common import MOSAIC_INTERPRET as MOSAIC_INTERPRET  # the TPU kernels on CPU
+from e3kernels.kernels._common import TRITON as TRITON
+from e3kernels.kernels._common import TRITON_INTERPRET as TRITON_INTERPRET
+from e3kernels.kernels._common import KernelConfig, per_config
 from e3kernels.kernels.equivariant_convolution import _mosaic, _triton
 from e3kernels.reference.equivariant_convolution import (
     MATRIX,
@@ -57,22 +59,15 @@ from e3kernels.reference.equivariant_convolution import (
 def implementations(plan: ConvolutionPlan, avg_num_neighbors: float, dtype) -> dict[str, Callable] | str:
     """``{"gpu", "tpu", "interpret"}`` implementations ``f(x, sh, weights, senders,
     receivers)``, or why there are none."""
-    return _per_config(equivariant_convolution, dtype, plan=plan, avg_num_neighbors=avg_num_neighbors)
+    return per_config(equivariant_convolution, dtype, plan=plan, avg_num_neighbors=avg_num_neighbors)
 
 
 def radial_implementations(plan: ConvolutionPlan, avg_num_neighbors: float, dtype,
                            precision) -> dict[str, Callable] | str:
     """As :func:`implementations`, for fused radial weights: ``f(x, sh, hidden, matrix,
     senders, receivers)`` with ``matrix`` ``(H, P, C)``."""
-    return _per_config(radial_equivariant_convolution, dtype, plan=plan, avg_num_neighbors=avg_num_neighbors,
-                       precision=precision)
-
-
-def _per_config(op, dtype, **static) -> dict[str, Callable] | str:
-    if (reason := why_not_dtype(dtype)) is not None:
-        return reason
-    return {name: functools.partial(op, config=config, **static)
-            for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))}
+    return per_config(radial_equivariant_convolution, dtype, plan=plan, avg_num_neighbors=avg_num_neighbors,
+                      precision=precision)
 
 
 def equivariant_convolution(x, sh, weights, senders, receivers, *, plan: ConvolutionPlan,

@@ -39,16 +39,18 @@ table lives in TPU SMEM and each weight set's coefficient rows in one VMEM block
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax.numpy as jnp
 
 from e3kernels.irreps import SymmetricPlan
-from e3kernels.kernels._common import MOSAIC, TRITON, TRITON_INTERPRET, KernelConfig, why_not_dtype
+from e3kernels.kernels._common import MOSAIC as MOSAIC  # re-exported: the configs tests run
 from e3kernels.kernels._common import MOSAIC_INTERPRET as MOSAIC_INTERPRET  # the TPU kernels on CPU
+from e3kernels.kernels._common import TRITON as TRITON
+from e3kernels.kernels._common import TRITON_INTERPRET as TRITON_INTERPRET
+from e3kernels.kernels._common import KernelConfig, per_config
 from e3kernels.reference.symmetric_contraction import contract
-from e3kernels.symmetric_terms import symmetric_terms
+from e3kernels.symmetric_terms import SparsePolynomial, symmetric_terms
 
 MAX_ORDER = 4
 #: beyond this, a term table column outgrows the SMEM budget the TPU index-memory test
@@ -60,9 +62,13 @@ def why_unsupported(plan: SymmetricPlan) -> str | None:
     """Why the kernels cannot run ``plan``, or ``None`` when they can."""
     if max(plan.orders) > MAX_ORDER:
         return f"orders above {MAX_ORDER} have too many terms (got orders {plan.orders})"
-    num_terms = len(symmetric_terms(plan).polynomial.terms)
-    if num_terms > MAX_TERMS:
-        return f"{num_terms} nonzero basis terms; the kernels handle at most {MAX_TERMS}"
+    return why_too_many_terms(symmetric_terms(plan).polynomial)
+
+
+def why_too_many_terms(poly: SparsePolynomial) -> str | None:
+    """Why the kernels cannot run ``poly`` (more than :data:`MAX_TERMS` terms), or ``None``."""
+    if len(poly.terms) > MAX_TERMS:
+        return f"{len(poly.terms)} nonzero terms; the kernels handle at most {MAX_TERMS}"
     return None
 
 
@@ -72,15 +78,10 @@ def implementations(plan: SymmetricPlan, dtype) -> dict[str, Callable] | str:
 
     Tests reach the TPU kernels on CPU with ``symmetric_contraction(..., config=MOSAIC_INTERPRET)``.
     """
-    if (reason := why_not_dtype(dtype)) is not None:
-        return reason
     reason = why_unsupported(plan)
     if reason is not None:
         return reason
-    return {
-        name: functools.partial(symmetric_contraction, plan=plan, config=config)
-        for name, config in (("gpu", TRITON), ("tpu", MOSAIC), ("interpret", TRITON_INTERPRET))
-    }
+    return per_config(symmetric_contraction, dtype, plan=plan)
 
 
 def symmetric_contraction(x, weights, indices, *, plan: SymmetricPlan, config: KernelConfig):
