@@ -360,8 +360,7 @@ def segmented_polynomial(
             continue
         args = (tuple(inputs[i] for i in terms.inputs), tuple(in_index[i] for i in terms.inputs), index)
         static = _Static(plan.channels, tuple(plan.in_channelled[i] for i in terms.inputs), terms.polynomial,
-                         num_rows, out.shape[0], index is None and out.shape[0] == 1 and num_rows > 1,
-                         jnp.dtype(out.dtype).name)
+                         num_rows, out.shape[0], jnp.dtype(out.dtype).name)
         impl = _backend.select(
             OP, backend,
             functools.partial(_evaluate, static=static, config=REFERENCE, dtype=compute),
@@ -596,6 +595,30 @@ def _num_rows(inputs, in_index, outs, out_index) -> int:
 # ---- evaluation -------------------------------------------------------------------------------
 
 
+def _cast(x, compute):
+    """``x`` for an op that sums in float32 (float64 for float64 inputs): cast where the
+    math dtype and the input disagree on float64, else as given (16-bit stays 16-bit)."""
+    return x.astype(compute) if compute == jnp.float64 or x.dtype == jnp.float64 else x
+
+
+def _per_row(x, index, num_rows: int):
+    """``x`` ``(B, size)`` on the call's rows: gathered by ``index`` (zeros outside ``x``),
+    or broadcast from a shared row."""
+    if index is not None:
+        x = jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+    return jnp.broadcast_to(x, (num_rows, x.shape[-1]))
+
+
+def _output_rows(rows, out_index, out_rows: int):
+    """Per-row results as the output's rows: scattered (summed) by ``out_index``, summed
+    into a shared output (one row), or as they are."""
+    if out_index is not None:
+        return jax.ops.segment_sum(rows, out_index, num_segments=out_rows)
+    if out_rows == 1 and rows.shape[0] > 1:
+        return jnp.sum(rows, axis=0, keepdims=True)
+    return rows
+
+
 def _convolution_form(terms: OutputTerms, inputs, in_index, out, out_index, num_rows):
     """The reading of ``terms`` as a convolution this call fits, or ``None``: per-row
     weights and harmonics, features per row or gathered, the output per row or scattered
@@ -611,13 +634,8 @@ def _convolution_form(terms: OutputTerms, inputs, in_index, out, out_index, num_
 def _linear(form: LinearForm, inputs, in_index, out, out_index, num_rows, compute, backend):
     """The output as :func:`~e3kernels.ops.indexed_linear`: features to e3nn's ``(mul, ir)``
     layout, shared weights as one weight set, gathered ones selected per row."""
-    def cast(x):
-        return x.astype(compute) if compute == jnp.float64 or x.dtype == jnp.float64 else x
-
-    weights, features = cast(inputs[form.weights]), cast(inputs[form.features])
-    if in_index[form.features] is not None:
-        features = jnp.take(features, in_index[form.features], axis=0, mode="fill", fill_value=0)
-    features = jnp.broadcast_to(features, (num_rows, features.shape[-1]))
+    weights = _cast(inputs[form.weights], compute)
+    features = _per_row(_cast(inputs[form.features], compute), in_index[form.features], num_rows)
     index = in_index[form.weights]
     if index is None and weights.shape[0] != 1:
         raise NotImplementedError(f"{OP}: inputs[{form.weights}]: a linear map's weights shared "
@@ -632,11 +650,7 @@ def _linear(form: LinearForm, inputs, in_index, out, out_index, num_rows, comput
     x = _relayout(features, form.in_segments, to_ir_first=False, ir_first=form.features_ir_first)
     y = indexed_linear(x, blocks, index, form.plan, backend=backend)
     y = _relayout(y, form.out_segments, to_ir_first=form.output_ir_first, ir_first=False)
-    if out_index is not None:
-        y = jax.ops.segment_sum(y, out_index, num_segments=out.shape[0])
-    elif out.shape[0] == 1 and num_rows > 1:
-        y = jnp.sum(y, axis=0, keepdims=True)
-    return y.astype(out.dtype)
+    return _output_rows(y, out_index, out.shape[0]).astype(out.dtype)
 
 
 def _relayout(x, segments, *, to_ir_first: bool, ir_first: bool):
@@ -656,15 +670,10 @@ def _relayout(x, segments, *, to_ir_first: bool, ir_first: bool):
 def _convolve(form: ConvolutionForm, inputs, in_index, out, out_index, num_rows, channels, compute, backend):
     """One output as :func:`~e3kernels.ops.equivariant_convolution` (cuex's ``ir_mul``
     buffers: segment-major, channels inner)."""
-    def cast(x):
-        if compute == jnp.float64 or x.dtype == jnp.float64:
-            return x.astype(compute)
-        return x
-
     plan = form.plan
-    weights = jnp.broadcast_to(cast(inputs[form.weights]), (num_rows, plan.num_paths * channels))
-    harmonics = jnp.broadcast_to(cast(inputs[form.harmonics]), (num_rows, plan.dim_sh))
-    features = cast(inputs[form.features])
+    weights = _per_row(_cast(inputs[form.weights], compute), None, num_rows)
+    harmonics = _per_row(_cast(inputs[form.harmonics], compute), None, num_rows)
+    features = _cast(inputs[form.features], compute)
     num_features = features.shape[0]
     features = jnp.swapaxes(features.reshape(num_features, plan.dim_in, channels), 1, 2)
     senders = in_index[form.features]
@@ -689,7 +698,6 @@ class _Static:
     polynomial: SparsePolynomial
     num_rows: int
     out_rows: int
-    sum_rows: bool  # a shared output: the sum over the rows
     out_dtype: str
 
 
@@ -701,9 +709,7 @@ def _evaluate(inputs, in_index, out_index, *, static: _Static, config, dtype):
         return jnp.zeros((static.out_rows, size_out), static.out_dtype)
     zs = []
     for x, index, channelled, segments in zip(inputs, in_index, static.channelled, poly.in_sizes):
-        if index is not None:
-            x = jnp.take(x, index, axis=0, mode="fill", fill_value=0)
-        x = jnp.broadcast_to(x, (num_rows, x.shape[-1]))
+        x = _per_row(x, index, num_rows)
         x = jnp.swapaxes(x.reshape(num_rows, segments, u if channelled else 1), 1, 2)
         zs.append(jnp.broadcast_to(x.astype(dtype), (num_rows, u, segments)))
     config = with_tile_rows(config)
@@ -711,11 +717,7 @@ def _evaluate(inputs, in_index, out_index, *, static: _Static, config, dtype):
     (rows,) = polynomial(config, poly, 0.0, (jnp.dtype(dtype),), tuple(zs), coefs,
                          shared_row_tiles(num_rows, config.tile_rows))
     rows = jnp.swapaxes(rows, 1, 2).reshape(num_rows, size_out)
-    if out_index is not None:
-        rows = jax.ops.segment_sum(rows, out_index, num_segments=static.out_rows)
-    elif static.sum_rows:
-        rows = jnp.sum(rows, axis=0, keepdims=True)
-    return rows.astype(static.out_dtype)
+    return _output_rows(rows, out_index, static.out_rows).astype(static.out_dtype)
 
 
 def _kernels(static: _Static, dtype):
