@@ -110,6 +110,23 @@ def test_matches_naive_for_any_tile_size(tile_rows):
     assert_results_close(result, expected)
 
 
+def test_one_weight_set_runs_untiled_and_matches():
+    """Shared weights (one set) and a few hundred rows take the untiled engine (no sort, no
+    scan); an out-of-range row is still NaN with zero gradients, to second order."""
+    indices = [0, 0, -1, 0, 1, 0, 0]
+    case = Case(**dict(MAIN, num_sets=1, indices=indices))
+    jaxpr = str(jax.make_jaxpr(ours(case.plan))(*case.args, case.indices))
+    assert "scan[" not in jaxpr and "scan[" in str(jax.make_jaxpr(ours(case.plan, tile_rows=4))(
+        *case.args, case.indices))
+    result = evaluate(ours(case.plan), case)
+    assert_results_close(result, evaluate(functools.partial(naive, plan=case.plan), case))
+    assert_results_close(result, evaluate(ours(case.plan, tile_rows=4), case))
+    invalid = np.array([i != 0 for i in indices])
+    assert np.isnan(np.asarray(result["out"])).all(axis=1).tolist() == invalid.tolist()
+    assert not np.asarray(result["grad"][0])[invalid].any()
+    assert not np.asarray(result["second"][0])[invalid].any()
+
+
 def test_invalid_rows_are_nan_and_get_zero_gradients():
     case, _, result = main_case()
     invalid = np.array([not 0 <= i < 5 for i in INDICES])

@@ -22,6 +22,9 @@ block (1 GB at the MACE size, ``N = 4000``); a grouped matmul needs only the ``S
    the group's weights, add the group's biases, and write the rows of ``out`` (a scatter
    into the loop carry, in place). Tiles of the invalid group and unused tiles are skipped
    (``lax.cond``), so the work follows the tiles actually used; their rows keep the fill.
+   With one weight set (shared weights) and at most ``OneSet.max_rows`` rows there is
+   nothing to group: :class:`OneSet` multiplies every row at once, with neither scan nor
+   gather.
 3. Gradients: the ``custom_vjp`` rules of ``e3kernels.grouped_linear`` (shared with the
    kernels), with this module's scans as the engine: the input gradient is step 2 with
    the transposed plan and weights, the weight gradient a scan adding each tile's
@@ -45,6 +48,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +77,9 @@ def indexed_linear(
     ``precision`` and accumulate in float32 (float64 for float64 inputs). ``tile_rows``
     (static) defaults to :func:`default_tile_rows`; the result does not depend on it.
     """
-    def make_engine(num_rows: int, num_sets: int) -> TileScan:
+    def make_engine(num_rows: int, num_sets: int) -> TileScan | OneSet:
+        if num_sets == 1 and tile_rows is None and num_rows <= OneSet.max_rows:
+            return OneSet(precision)
         return TileScan(num_sets, tile_rows or default_tile_rows(num_rows, num_sets), precision)
 
     return grouped_linear.indexed_linear(make_engine, plan, x, weights, biases, indices)
@@ -144,6 +150,28 @@ class TileScan:
 
         sums = tuple(jnp.zeros((self.num_groups, b.mul_in, b.mul_out), acc) for b in plan.blocks)
         return lax.scan(tile, sums, self._tiles(grouping))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class OneSet:
+    """The engine for one weight set (shared weights) and rows that fit in a few tiles:
+    every row at once, no sort, no scan. At such sizes the scan's steps, gathers and
+    branches cost compile time (3-5x) and save nothing; at thousands of rows the tiles'
+    cache-sized layout changes win at run time (25-40 % on the gradient, 2-core CPU)."""
+
+    precision: lax.Precision
+    num_groups: int = 1
+    max_rows: ClassVar[int] = 256
+
+    def apply(self, plan, x, weights, biases, grouping: Grouping, fill: float):
+        pieces = [_segment(plan, seg, x, weights, biases, 0, self.precision) for seg in output_segments(plan)]
+        out = jnp.concatenate(pieces, axis=1).astype(x.dtype)
+        return jnp.where((grouping.groups == 0)[:, None], out, jnp.asarray(fill, x.dtype))
+
+    def weight_grad(self, plan, x, g, grouping: Grouping):
+        valid = (grouping.groups == 0)[:, None]
+        x, g = jnp.where(valid, x, 0), jnp.where(valid, g, 0)
+        return tuple(_block_outer(b, x, g, self.precision)[None] for b in plan.blocks)
 
 
 def _segment(plan: LinearPlan, seg, xt, weights, biases, group, precision) -> jax.Array:
