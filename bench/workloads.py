@@ -409,8 +409,8 @@ def data_parallel(rows: int, platform: str, devices: int) -> list[Candidate]:
 def cue_model(rows: int, platform: str) -> list[Candidate]:
     """A MACE-style model written for cuequivariance-jax (``bench.cue_mace``) on a random
     liquid of ``rows`` atoms: every op ``cuex`` ``method="naive"`` (what mace-jax runs off
-    NVIDIA GPUs), against the same function traced inside ``e3kernels.cue.routed`` (its
-    species skip, a fully connected product, stays on cuex). One parameter tree."""
+    NVIDIA GPUs), against the same function traced inside ``e3kernels.cue.routed`` (every
+    call on e3kernels: the switch raises for any it does not run). One parameter tree."""
     from bench import cue_mace
     from e3kernels import cue as e3cue
 
@@ -431,7 +431,7 @@ def cue_model(rows: int, platform: str) -> list[Candidate]:
 
     def routed(function, backend):
         def traced_routed(*args):
-            with e3cue.routed(unsupported="cuex", backend=backend):
+            with e3cue.routed(backend=backend):
                 return function(*args)
         return traced_routed
 

@@ -10,11 +10,15 @@ of these forms that it has:
 1. **A linear map** (``cue.descriptors.linear``: ``w[p][u, v] * x[k][i, u] -> out[q][i, v]``,
    segments ``(ir, mul)`` or ``(mul, ir)``; weights shared or gathered by an index):
    :func:`e3kernels.ops.indexed_linear`, the path coefficients as its ``path_weight``.
-2. **A channelwise tensor product** (MACE's interaction,
+2. **A fully connected tensor product** (``cue.descriptors.fully_connected_tensor_product``,
+   mace-jax's species skip: ``C * w[p][u, v, w] * x1[a][i, u] * x2[b][j, v] -> out[q][k, w]``,
+   weights shared): each path's outer product of ``x1`` and ``x2`` (a plain einsum), then
+   the channel sums of every path as one :func:`e3kernels.ops.indexed_linear`.
+3. **A channelwise tensor product** (MACE's interaction,
    ``cue.descriptors.channelwise_tensor_product``: ``w[p] * x[i] * sh[j] -> out[q]`` per
    channel, one weight per output segment): :func:`e3kernels.ops.equivariant_convolution`,
    the node features gathered and the messages scattered by the call's indices inside it.
-3. **Any uniform 1-d polynomial** (``cuex``'s ``uniform_1d`` condition: after flattening
+4. **Any uniform 1-d polynomial** (``cuex``'s ``uniform_1d`` condition: after flattening
    the coefficient modes and squeezing unit modes, every operand's segments are all
    ``(u,)``, one channel mode of one extent, or all scalars, broadcast over ``u``; MACE's
    product basis, ``cuequivariance.group_theory.experimental.mace.symmetric_contraction``,
@@ -31,7 +35,7 @@ the input are zeros (a linear map's weight index must be in range); scattered ro
 outside the output are dropped.
 
 Anything else (other products of two or more channel modes, as
-``fully_connected_tensor_product``; ``cuex.Repeats``; several batch axes) raises
+``full_tensor_product``; ``cuex.Repeats``; several batch axes) raises
 ``NotImplementedError`` naming what is unsupported: call ``cuex`` with ``method="naive"``
 for it. :func:`routed` sends a program's ``cuex`` calls here (see its docstring).
 
@@ -247,10 +251,20 @@ class LinearForm:
     plan: LinearPlan
 
 
+def _one_product(poly: cue.SegmentedPolynomial):
+    """``poly`` as given and consolidated: a reading as a single tensor product may need the
+    unit modes that consolidation squeezes (a scalar linear map's ``ir``)."""
+    yield poly
+    yield poly.consolidate()
+
+
 @functools.cache
 def linear_form(poly: cue.SegmentedPolynomial) -> LinearForm | None:
     """``poly`` as a :class:`LinearForm`, or ``None`` when it is not one."""
-    canonical = poly.consolidate()
+    return next(filter(None, map(_linear_form, _one_product(poly))), None)
+
+
+def _linear_form(canonical: cue.SegmentedPolynomial) -> LinearForm | None:
     if canonical.num_inputs != 2 or canonical.num_outputs != 1 or len(canonical.operations) != 1:
         return None
     ((operation, stp),) = canonical.operations
@@ -289,9 +303,93 @@ def linear_form(poly: cue.SegmentedPolynomial) -> LinearForm | None:
                       tuple(map(tuple, in_shapes)), tuple(map(tuple, out_shapes)), tuple(block_weights), plan)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class FullyConnectedForm:
+    """A polynomial that is one fully connected tensor product
+    (``cue.descriptors.fully_connected_tensor_product``, mace-jax's species skip): a single
+    tensor product ``C[i, j, k] * w[p][u, v, w] * x1[a][i, u] * x2[b][j, v] -> out[q][k, w]``
+    per path (any order of each operand's modes). Each path's outer product
+    ``t[(u, v), k] = sum_ij C x1 x2`` is one input block of a linear map whose weights are
+    the product's: the channel sums run as :func:`e3kernels.ops.indexed_linear`, one
+    matmul for every path, rather than an einsum per path."""
+
+    weights: int  # input numbers
+    x1: int
+    x2: int
+    paths: tuple[FullyConnectedPath, ...]
+    output_ir_first: bool
+    out_segments: tuple[tuple[int, int], ...]  # per output segment: (ir_dim, mul)
+    plan: LinearPlan
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FullyConnectedPath:
+    coefficients: np.ndarray  # C, in the einsum's coefficient modes
+    x1: tuple[slice, tuple[int, ...]]  # the input's segment: its columns and shape
+    x2: tuple[slice, tuple[int, ...]]
+    outer: str  # einsum: C, x1 and x2 segments (rows first) -> (rows, u, v, k)
+    weights: tuple[slice, tuple[int, ...]]
+    to_uvw: str  # einsum: the weight segment -> (u, v, w)
+
+
+@functools.cache
+def fully_connected_form(poly: cue.SegmentedPolynomial) -> FullyConnectedForm | None:
+    """``poly`` as a :class:`FullyConnectedForm`, or ``None`` when it is not one."""
+    return next(filter(None, map(_fully_connected_form, _one_product(poly))), None)
+
+
+def _fully_connected_form(canonical: cue.SegmentedPolynomial) -> FullyConnectedForm | None:
+    if canonical.num_inputs != 3 or canonical.num_outputs != 1 or len(canonical.operations) != 1:
+        return None
+    ((operation, stp),) = canonical.operations
+    if sorted(operation.buffers) != [0, 1, 2, 3] or operation.buffers[3] != 3:
+        return None
+    modes, ir_modes = stp.subscripts.operands, stp.coefficient_subscripts
+    candidates = [k for k in range(3) if len(modes[k]) == 3 and not set(modes[k]) & set(ir_modes)]
+    if len(candidates) != 1:
+        return None
+    (weights_k,) = candidates
+    x1_k, x2_k = (k for k in range(3) if k != weights_k)
+    channel, ir = {}, {}
+    for k in (x1_k, x2_k, 3):  # one channel mode, and one ir mode unless squeezed (scalars)
+        ir[k] = "".join(m for m in modes[k] if m in ir_modes)
+        channel[k] = "".join(m for m in modes[k] if m not in ir_modes)
+        if len(channel[k]) != 1 or len(ir[k]) > 1:
+            return None
+    u, v, w = channel[x1_k], channel[x2_k], channel[3]
+    if len({u, v, w}) != 3 or set(modes[weights_k]) != {u, v, w}:
+        return None
+
+    def segment(k: int, s: int) -> tuple[slice, tuple[int, ...]]:
+        sizes = [int(np.prod(shape)) for shape in stp.operands[k].segments]
+        start = sum(sizes[:s])
+        return slice(start, start + sizes[s]), tuple(stp.operands[k].segments[s])
+
+    output_ir_first = modes[3][0] == ir[3]
+    out_shapes = [(1, *shape) if not ir[3] else shape if output_ir_first else shape[::-1]
+                  for shape in stp.operands[3].segments]
+    out_starts = np.cumsum([0] + [a * b for a, b in out_shapes])
+    paths, blocks, in_start = [], [], 0
+    for path in stp.paths:
+        p, a, b, q = (int(path.indices[k]) for k in (weights_k, x1_k, x2_k, 3))
+        paths.append(FullyConnectedPath(
+            np.asarray(path.coefficients), segment(x1_k, a), segment(x2_k, b),
+            f"{ir_modes},z{modes[x1_k]},z{modes[x2_k]}->z{u}{v}{ir[3]}", segment(weights_k, p),
+            f"{modes[weights_k]}->{u}{v}{w}"))
+        dims = dict(zip(modes[weights_k], stp.operands[weights_k].segments[p]))
+        ir_dim, mul_out = out_shapes[q]
+        blocks.append(LinearBlock(in_start, int(out_starts[q]), dims[u] * dims[v], mul_out, ir_dim, 1.0))
+        in_start += dims[u] * dims[v] * ir_dim
+    written = {int(path.indices[3]) for path in stp.paths}
+    plan = LinearPlan(in_start, int(out_starts[-1]), tuple(blocks), (),
+                      tuple(q not in written for q in range(len(out_shapes))))
+    return FullyConnectedForm(operation.buffers[weights_k], operation.buffers[x1_k], operation.buffers[x2_k],
+                              tuple(paths), output_ir_first, tuple(map(tuple, out_shapes)), plan)
+
+
 def why_unsupported(poly: cue.SegmentedPolynomial) -> str | None:
     """Why :func:`segmented_polynomial` cannot run ``poly``, or ``None`` when it can."""
-    if linear_form(poly) is not None:
+    if linear_form(poly) is not None or fully_connected_form(poly) is not None:
         return None
     try:
         uniform_plan(poly)
@@ -343,12 +441,15 @@ def segmented_polynomial(
     if precision != "undefined":
         raise ValueError(f"{OP}: precision is not supported (as in cuex); use math_dtype")
     linear = linear_form(polynomial)
-    plan = uniform_plan(polynomial) if linear is None else None
+    fully_connected = fully_connected_form(polynomial) if linear is None else None
+    plan = uniform_plan(polynomial) if linear is None and fully_connected is None else None
     compute = _math_dtype(math_dtype, options, inputs)
     inputs, outs, in_index, out_index = _normalized(polynomial, inputs, outputs_shape_dtype, indices)
     num_rows = _num_rows(inputs, in_index, outs, out_index)
-    if linear is not None:
-        result = _linear(linear, inputs, in_index, outs[0], out_index[0], num_rows, compute, backend)
+    if linear is not None or fully_connected is not None:
+        run = functools.partial(_linear, linear) if linear is not None else functools.partial(
+            _fully_connected, fully_connected)
+        result = run(inputs, in_index, outs[0], out_index[0], num_rows, compute, backend)
         return [result.reshape(_requested_shapes(polynomial, outputs_shape_dtype)[0].shape)]
     results = []
     for o, (out, index) in enumerate(zip(outs, out_index)):
@@ -452,7 +553,7 @@ def routed(*, methods: Sequence[str] = _ROUTED_METHODS, unsupported: str = "rais
       methods: the ``method`` values to route (``"uniform_1d"`` too by default: its CUDA
         kernel is not available off NVIDIA GPUs, and this is the same computation).
       unsupported: a polynomial e3kernels does not run (as
-        ``cue.descriptors.fully_connected_tensor_product``): ``"raise"``
+        ``cue.descriptors.full_tensor_product``): ``"raise"``
         (``NotImplementedError``), or ``"cuex"`` to evaluate it with cuex itself, as
         the call asked, logged once per polynomial.
       backend: e3kernels' backend for the routed calls (``None``: the current setting).
@@ -649,6 +750,31 @@ def _linear(form: LinearForm, inputs, in_index, out, out_index, num_rows, comput
                       else w.reshape(-1, mul_in, mul_out))
     x = _relayout(features, form.in_segments, to_ir_first=False, ir_first=form.features_ir_first)
     y = indexed_linear(x, blocks, index, form.plan, backend=backend)
+    y = _relayout(y, form.out_segments, to_ir_first=form.output_ir_first, ir_first=False)
+    return _output_rows(y, out_index, out.shape[0]).astype(out.dtype)
+
+
+def _fully_connected(form: FullyConnectedForm, inputs, in_index, out, out_index, num_rows, compute, backend):
+    """The output as each path's outer product (summed in ``compute``) followed by one
+    :func:`~e3kernels.ops.indexed_linear` over all of them (e3nn's ``(mul, ir)`` layout)."""
+    weights = _cast(inputs[form.weights], compute)
+    if in_index[form.weights] is not None or weights.shape[0] != 1:
+        raise NotImplementedError(f"{OP}: inputs[{form.weights}]: a fully connected product's weights "
+                                  f"shared (batch 1, no index); got shape {weights.shape}"
+                                  + (" with an index" if in_index[form.weights] is not None else ""))
+    x1 = _per_row(inputs[form.x1], in_index[form.x1], num_rows).astype(compute)
+    x2 = _per_row(inputs[form.x2], in_index[form.x2], num_rows).astype(compute)
+    outer, blocks = [], []
+    for path in form.paths:
+        (cols1, shape1), (cols2, shape2) = path.x1, path.x2
+        t = jnp.einsum(path.outer, jnp.asarray(path.coefficients, compute),
+                       x1[:, cols1].reshape(num_rows, *shape1), x2[:, cols2].reshape(num_rows, *shape2))
+        outer.append(t.reshape(num_rows, -1))  # (rows, (u, v, k)): e3nn's (mul, ir) block
+        cols, shape = path.weights
+        w = jnp.einsum(path.to_uvw, weights[0, cols].reshape(shape))
+        blocks.append(w.reshape(1, w.shape[0] * w.shape[1], w.shape[2]))
+    x = jnp.concatenate(outer, axis=1)
+    y = indexed_linear(x, blocks, jnp.zeros((num_rows,), jnp.int32), form.plan, backend=backend)
     y = _relayout(y, form.out_segments, to_ir_first=form.output_ir_first, ir_first=False)
     return _output_rows(y, out_index, out.shape[0]).astype(out.dtype)
 

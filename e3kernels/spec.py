@@ -105,11 +105,11 @@ def segmented_polynomial(polynomial, inputs: Sequence, out_rows: Sequence[int], 
                          out_indices: Sequence) -> list[jax.Array]:
     """A cuequivariance segmented polynomial (``e3kernels.cue``), path by path, on
     ``(B, size)`` inputs: each input gathered by its index (``None``: per row, or shared
-    when ``B = 1``), every path's coefficient times the einsum of its segments (the tensor
-    product's subscripts) added to its output segment, each output scattered by its index
+    when ``B = 1``), every path's einsum of its coefficients and segments (the tensor
+    product's subscripts, coefficient modes included) added to its output segment, each output scattered by its index
     (``None``: per row, or the sum over rows when ``out_rows`` is 1). Sums in float32
     (float64 for float64 inputs); outputs of that dtype."""
-    canonical = polynomial.consolidate().flatten_coefficient_modes()
+    canonical = polynomial.consolidate()
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(*inputs))
     gathered = [jnp.asarray(x, dtype) if i is None else jnp.asarray(x, dtype)[i]
                 for x, i in zip(inputs, in_indices)]
@@ -117,7 +117,7 @@ def segmented_polynomial(polynomial, inputs: Sequence, out_rows: Sequence[int], 
     gathered = [jnp.broadcast_to(x, (num_rows, x.shape[1])) for x in gathered]
     outs = [jnp.zeros((num_rows, op.size), dtype) for op in canonical.outputs]
     for operation, stp in canonical.operations:
-        subscripts = str(stp.subscripts).split("+")[0].split(",")
+        subscripts = stp.subscripts.operands
         for path in stp.paths:
             factors, terms, target = [], [], None
             for buffer, segment, modes in zip(operation.buffers, path.indices, subscripts):
@@ -129,12 +129,12 @@ def segmented_polynomial(polynomial, inputs: Sequence, out_rows: Sequence[int], 
                     (num_rows,) + op.segments[segment]))
                 terms.append("N" + modes)
             o, segment, modes = target
-            if factors:
-                product = jnp.einsum(",".join(terms) + "->N" + modes, *factors,
-                                     precision=jax.lax.Precision.HIGHEST)
-            else:  # a constant term
-                product = jnp.ones((num_rows,) + canonical.outputs[o].segments[segment], dtype)
-            value = float(jnp.asarray(path.coefficients)) * product
+            if not factors:  # a constant term: the coefficients spread over the output's modes
+                factors = [jnp.ones((num_rows,) + canonical.outputs[o].segments[segment], dtype)]
+                terms = ["N" + modes]
+            value = jnp.einsum(",".join([stp.coefficient_subscripts] + terms) + "->N" + modes,
+                               jnp.asarray(path.coefficients, dtype), *factors,
+                               precision=jax.lax.Precision.HIGHEST)
             outs[o] = outs[o].at[:, canonical.outputs[o].segment_slices()[segment]].add(
                 value.reshape(num_rows, -1))
     results = []

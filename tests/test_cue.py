@@ -95,6 +95,11 @@ SMALL = {
     "linear": lambda: linear_case(None),
     "linear, species weights": lambda: linear_case(3),
     "linear, mul_ir": lambda: linear_case(None, mul_ir=True),
+    "linear, scalars to one (a readout)": lambda: linear_case(None, irreps_in="6x0e + 2x0e", irreps_out="0e"),
+    "species skip": lambda: fully_connected_case("4x0e + 4x1o", "3x0e", "4x0e + 4x1o", one_hot=True),
+    "fully connected": lambda: fully_connected_case("4x0e + 3x1o", "2x0e + 2x1o", "5x0e + 2x1o + 3x2e"),
+    "fully connected, mul_ir": lambda: fully_connected_case(
+        "4x0e + 3x1o", "2x0e + 2x1o", "5x0e + 2x1o + 3x2e", modes="wvu,ui,vj,wk+ijk"),
     "spherical harmonics": lambda: (
         cue.descriptors.spherical_harmonics(cue.SO3(1), [0, 1, 2, 3]).polynomial,
         [jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)],
@@ -102,10 +107,11 @@ SMALL = {
 }
 
 
-def linear_case(species: int | None, mul_ir: bool = False, seed=0):
+def linear_case(species: int | None, mul_ir: bool = False, seed=0, irreps_in="4x0e + 4x1o + 2x1o + 3x2e",
+                irreps_out="3x0e + 3x1o + 2x3o"):
     """``cue.descriptors.linear``: weights shared (``species=None``) or gathered per row by
     an index; ``mul_ir``: the same map on ``(mul, ir)`` segments (mace-jax's public layout)."""
-    p = cue.descriptors.linear(irreps("4x0e + 4x1o + 2x1o + 3x2e"), irreps("3x0e + 3x1o + 2x3o")).polynomial
+    p = cue.descriptors.linear(irreps(irreps_in), irreps(irreps_out)).polynomial
     if mul_ir:
         p = cue.SegmentedPolynomial.eval_last_operand(p.operations[0][1].add_or_transpose_modes("uv,ui,vi"))
     rng = np.random.default_rng(seed)
@@ -113,6 +119,24 @@ def linear_case(species: int | None, mul_ir: bool = False, seed=0):
     x = jnp.asarray(rng.normal(size=(7, p.inputs[1].size)), jnp.float32)
     index = None if species is None else [jnp.asarray(rng.integers(0, species, 7), jnp.int32), None, None]
     return p, [w, x], [jax.ShapeDtypeStruct((7, -1), jnp.float32)], index
+
+
+def fully_connected_case(in1: str, in2: str, out: str, one_hot=False, modes=None, rows=7, seed=0):
+    """``cue.descriptors.fully_connected_tensor_product`` with shared weights; ``one_hot``:
+    the second input a one-hot species (mace-jax's species skip); ``modes``: the same
+    product with its operands' modes reordered (as ``"wvu,ui,vj,wk+ijk"``: ``(mul, ir)``
+    segments, weights stored ``(w, v, u)``)."""
+    p = cue.descriptors.fully_connected_tensor_product(irreps(in1), irreps(in2), irreps(out)).polynomial
+    if modes is not None:
+        p = cue.SegmentedPolynomial.eval_last_operand(p.operations[0][1].add_or_transpose_modes(modes))
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(1, p.inputs[0].size)), jnp.float32)
+    x1 = jnp.asarray(rng.normal(size=(rows, p.inputs[1].size)), jnp.float32)
+    if one_hot:
+        x2 = jax.nn.one_hot(rng.integers(0, p.inputs[2].size, rows), p.inputs[2].size)
+    else:
+        x2 = jnp.asarray(rng.normal(size=(rows, p.inputs[2].size)), jnp.float32)
+    return p, [w, x1, x2], [jax.ShapeDtypeStruct((rows, -1), jnp.float32)], None
 
 
 def _no_indices(case):
@@ -153,12 +177,14 @@ def _second_order(evaluate, p, inputs, outs, indices, wrt: int):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["channelwise, every edge kept", "product basis", "linear, species weights"])
+@pytest.mark.parametrize("case", ["channelwise, every edge kept", "product basis", "linear, species weights",
+                                  "fully connected"])
 def test_derivatives_to_second_order_match_cuex(case, backend):
     """(With every edge kept: cuex's naive gradient leaks through a dropped edge, see
     :func:`test_dropped_edge_never_leaks`.)"""
     p, inputs, outs, indices = SMALL[case]()
-    wrt = 1 if case.startswith("channelwise") else 0  # the gathered input: node features, species weights
+    # the gathered input (node features, species weights); the first factor of a product
+    wrt = 1 if case.startswith(("channelwise", "fully")) else 0
     expected = _second_order(naive, p, inputs, outs, indices, wrt)
     got = _second_order(ours(backend), p, inputs, outs, indices, wrt)
     for g, e in zip(got, expected):
@@ -183,12 +209,16 @@ def test_dropped_edge_never_leaks(backend):
         assert float(jnp.abs(derivative).max()) > 0.0
 
 
-@pytest.mark.parametrize("case", ["channelwise", "product basis"])
+@pytest.mark.parametrize("case", ["channelwise", "product basis", "species skip"])
 def test_mace_m_size(case):
-    """MACE-M's sizes (128 channels, l_max 3, correlation 3): values and gradients, the
-    reference against cuex; the kernels (interpret mode) on a few rows."""
+    """MACE-M's sizes (128 channels, l_max 3, correlation 3, 10 species): values and
+    gradients, the reference against cuex; the kernels (interpret mode) on a few rows."""
     if case == "channelwise":
         p, inputs, outs, indices = conv_case(channelwise(128, 3), nodes=6, edges=40, drop=False)
+        wrt = 1
+    elif case == "species skip":
+        p, inputs, outs, indices = fully_connected_case("128x0e + 128x1o", "10x0e", "128x0e + 128x1o",
+                                                        one_hot=True, rows=6)
         wrt = 1
     else:
         p, inputs, outs, indices = product_case(product_basis(128, 3, "128x0e + 128x1o"), nodes=6, species=2)
@@ -276,9 +306,9 @@ def test_routed_sends_cuex_calls_here_and_restores():
 
 
 def test_routed_unsupported_raises_or_uses_cuex_when_asked():
-    d = cue.descriptors.fully_connected_tensor_product(irreps("4x0e + 4x1o"), irreps("3x0e"), irreps("2x1o"))
+    d = cue.descriptors.full_tensor_product(irreps("4x0e + 4x1o"), irreps("3x0e"))  # out[k, u, v]: two modes
     rng = np.random.default_rng(0)
-    inputs = [jnp.asarray(rng.normal(size=(n, op.dim)), jnp.float32) for n, op in zip((1, 5, 5), d.inputs)]
+    inputs = [jnp.asarray(rng.normal(size=(5, op.dim)), jnp.float32) for op in d.inputs]
     out = [jax.ShapeDtypeStruct((5, d.outputs[0].dim), jnp.float32)]
     expected = cuex.segmented_polynomial(d.polynomial, inputs, out, method="naive")[0]
     with e3cue.routed(), pytest.raises(NotImplementedError, match="channel modes"):
@@ -303,10 +333,13 @@ def test_clear_errors():
         e3cue.segmented_polynomial(p, [inputs[0][None]] + inputs[1:], outs, indices)
     with pytest.raises(ValueError, match="batch extents"):
         e3cue.segmented_polynomial(p, [inputs[0][:-1]] + inputs[1:], outs, indices)
-    fctp = cue.descriptors.fully_connected_tensor_product(irreps("2x0e"), irreps("3x0e"), irreps("2x0e"))
+    full = cue.descriptors.full_tensor_product(irreps("2x0e"), irreps("3x0e"))
     with pytest.raises(NotImplementedError, match="channel modes.*method='naive'"):
-        e3cue.segmented_polynomial(fctp.polynomial, [jnp.ones((1, 12)), jnp.ones((4, 2)), jnp.ones((4, 3))],
-                                   [jax.ShapeDtypeStruct((4, 2), jnp.float32)])
+        e3cue.segmented_polynomial(full.polynomial, [jnp.ones((4, 2)), jnp.ones((4, 3))],
+                                   [jax.ShapeDtypeStruct((4, 6), jnp.float32)])
+    p, (w, x1, x2), outs, _ = fully_connected_case("2x0e", "3x0e", "2x0e")
+    with pytest.raises(NotImplementedError, match=r"inputs\[0\]: a fully connected product's weights shared"):
+        e3cue.segmented_polynomial(p, [jnp.concatenate([w] * 7), x1, x2], outs)
     p, (w, x), outs, _ = linear_case(None)
     with pytest.raises(NotImplementedError, match=r"inputs\[0\]: a linear map's weights shared"):
         e3cue.segmented_polynomial(p, [jnp.concatenate([w] * 7), x], outs)
@@ -317,9 +350,8 @@ def test_clear_errors():
 
 def test_mace_style_model_routed_equals_naive():
     """The model cuex's MACE example and mace-jax's adapters describe, traced inside
-    ``routed`` (its interaction, product basis, Linears and harmonics on e3kernels; its
-    species skip, a fully connected product, on cuex): energy, forces and training
-    gradients equal the all-naive run's."""
+    ``routed`` (which raises for anything it does not run: every call is on e3kernels):
+    energy, forces and training gradients equal the all-naive run's."""
     from bench import cue_mace
     from e3kernels.models import mace
 
@@ -337,13 +369,14 @@ def test_mace_style_model_routed_equals_naive():
         return energy, forces, grads
 
     def routed(*args):
-        with e3cue.routed(unsupported="cuex"):
+        with e3cue.routed():
             return run(*args)
 
     expected = jax.jit(run)(params, *graph)
     jaxpr = str(jax.make_jaxpr(routed)(params, *graph))
     for op in ("equivariant_convolution", "indexed_linear", "e3kernels.cue.segmented_polynomial"):
         assert f"name='{op}'" in jaxpr, op
+    assert "method=naive" not in jaxpr  # no call left on cuex
     got = jax.jit(routed)(params, *graph)
     assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, what="energy")
     assert_close(got[1], expected[1], rtol=1e-4, atol=1e-5, what="forces")
@@ -366,7 +399,7 @@ def test_mace_style_model_training_lowers_to_kernels(platform, marker, linear_ke
              jnp.ones(edges, jnp.int32), jnp.ones((edges, 3)), jnp.zeros((atoms, 3)))
 
     def training_grad(params, *graph):
-        with e3cue.routed(unsupported="cuex", backend="pallas"):
+        with e3cue.routed(backend="pallas"):
             return jax.grad(cue_mace.training_loss)(params, *graph, config)
 
     text = lowered_text(training_grad, platform, params, *graph)
