@@ -261,8 +261,9 @@ def test_float64_sums_in_float64():
             ours("pallas")(p, inputs, outs, indices)
 
 
-def test_bfloat16_inputs_sum_in_float32():
-    p, inputs, outs, indices = SMALL["channelwise"]()
+@pytest.mark.parametrize("case", ["channelwise", "species skip", "spherical harmonics"])
+def test_bfloat16_inputs_sum_in_float32(case):
+    p, inputs, outs, indices = SMALL[case]()
     rounded = [x.astype(jnp.bfloat16) for x in inputs]
     out16 = [jax.ShapeDtypeStruct(o.shape, jnp.bfloat16) for o in outs]
     for backend in BACKENDS:
