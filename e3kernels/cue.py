@@ -12,8 +12,8 @@ of these forms that it has:
    :func:`e3kernels.ops.indexed_linear`, the path coefficients as its ``path_weight``.
 2. **A fully connected tensor product** (``cue.descriptors.fully_connected_tensor_product``,
    mace-jax's species skip: ``C * w[p][u, v, w] * x1[a][i, u] * x2[b][j, v] -> out[q][k, w]``,
-   weights shared): each path's outer product of ``x1`` and ``x2`` (a plain einsum), then
-   the channel sums of every path as one :func:`e3kernels.ops.indexed_linear`.
+   weights shared): each path's outer product of ``x1`` and ``x2`` and its matmul with
+   the path's weights, XLA's own on every backend (a dense product with one weight set).
 3. **A channelwise tensor product** (MACE's interaction,
    ``cue.descriptors.channelwise_tensor_product``: ``w[p] * x[i] * sh[j] -> out[q]`` per
    channel, one weight per output segment): :func:`e3kernels.ops.equivariant_convolution`,
@@ -251,24 +251,26 @@ class LinearForm:
     plan: LinearPlan
 
 
-def _one_product(poly: cue.SegmentedPolynomial):
-    """``poly`` as given and consolidated: a reading as a single tensor product may need the
-    unit modes that consolidation squeezes (a scalar linear map's ``ir``)."""
-    yield poly
-    yield poly.consolidate()
+def _single_products(poly: cue.SegmentedPolynomial, num_inputs: int):
+    """``poly``'s ``(operation, tensor product)`` where it is one tensor product of its
+    ``num_inputs`` inputs into its one output, as given and consolidated: a reading may
+    need the unit modes that consolidation squeezes (a scalar linear map's ``ir``)."""
+    for candidate in (poly, poly.consolidate()):
+        if candidate.num_inputs != num_inputs or candidate.num_outputs != 1 or len(candidate.operations) != 1:
+            continue
+        ((operation, stp),) = candidate.operations
+        if sorted(operation.buffers) == list(range(num_inputs + 1)) and operation.buffers[-1] == num_inputs:
+            yield operation, stp
 
 
 @functools.cache
 def linear_form(poly: cue.SegmentedPolynomial) -> LinearForm | None:
     """``poly`` as a :class:`LinearForm`, or ``None`` when it is not one."""
-    return next(filter(None, map(_linear_form, _one_product(poly))), None)
+    return next(filter(None, (_linear_form(*product) for product in _single_products(poly, 2))), None)
 
 
-def _linear_form(canonical: cue.SegmentedPolynomial) -> LinearForm | None:
-    if canonical.num_inputs != 2 or canonical.num_outputs != 1 or len(canonical.operations) != 1:
-        return None
-    ((operation, stp),) = canonical.operations
-    if stp.coefficient_subscripts or sorted(operation.buffers) != [0, 1, 2] or operation.buffers[2] != 2:
+def _linear_form(operation, stp) -> LinearForm | None:
+    if stp.coefficient_subscripts:
         return None
     modes = [tuple(operand) for operand in str(stp.subscripts).split("+")[0].split(",")]
     weights_k, features_k = (0, 1) if len(modes[0]) == 2 and len(set(modes[0])) == 2 else (1, 0)
@@ -308,10 +310,11 @@ class FullyConnectedForm:
     """A polynomial that is one fully connected tensor product
     (``cue.descriptors.fully_connected_tensor_product``, mace-jax's species skip): a single
     tensor product ``C[i, j, k] * w[p][u, v, w] * x1[a][i, u] * x2[b][j, v] -> out[q][k, w]``
-    per path (any order of each operand's modes). Each path's outer product
-    ``t[(u, v), k] = sum_ij C x1 x2`` is one input block of a linear map whose weights are
-    the product's: the channel sums run as :func:`e3kernels.ops.indexed_linear`, one
-    matmul for every path, rather than an einsum per path."""
+    per path (any order of each operand's modes). Per path, the outer product
+    ``t[u, v, k] = sum_ij C x1 x2``, then one matmul with the weights over ``(u, v)``:
+    XLA's own (cuBLAS, the MXU, the CPU's), the right tool for a dense product with one
+    weight set. (As :func:`e3kernels.ops.indexed_linear`'s Pallas kernel it ran no faster
+    and added 11 s to the H100 compile of the ``cue`` model.)"""
 
     weights: int  # input numbers
     x1: int
@@ -319,7 +322,6 @@ class FullyConnectedForm:
     paths: tuple[FullyConnectedPath, ...]
     output_ir_first: bool
     out_segments: tuple[tuple[int, int], ...]  # per output segment: (ir_dim, mul)
-    plan: LinearPlan
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -330,20 +332,17 @@ class FullyConnectedPath:
     outer: str  # einsum: C, x1 and x2 segments (rows first) -> (rows, u, v, k)
     weights: tuple[slice, tuple[int, ...]]
     to_uvw: str  # einsum: the weight segment -> (u, v, w)
+    out_segment: int
 
 
 @functools.cache
 def fully_connected_form(poly: cue.SegmentedPolynomial) -> FullyConnectedForm | None:
     """``poly`` as a :class:`FullyConnectedForm`, or ``None`` when it is not one."""
-    return next(filter(None, map(_fully_connected_form, _one_product(poly))), None)
+    forms = (_fully_connected_form(*product) for product in _single_products(poly, 3))
+    return next(filter(None, forms), None)
 
 
-def _fully_connected_form(canonical: cue.SegmentedPolynomial) -> FullyConnectedForm | None:
-    if canonical.num_inputs != 3 or canonical.num_outputs != 1 or len(canonical.operations) != 1:
-        return None
-    ((operation, stp),) = canonical.operations
-    if sorted(operation.buffers) != [0, 1, 2, 3] or operation.buffers[3] != 3:
-        return None
+def _fully_connected_form(operation, stp) -> FullyConnectedForm | None:
     modes, ir_modes = stp.subscripts.operands, stp.coefficient_subscripts
     candidates = [k for k in range(3) if len(modes[k]) == 3 and not set(modes[k]) & set(ir_modes)]
     if len(candidates) != 1:
@@ -368,23 +367,15 @@ def _fully_connected_form(canonical: cue.SegmentedPolynomial) -> FullyConnectedF
     output_ir_first = modes[3][0] == ir[3]
     out_shapes = [(1, *shape) if not ir[3] else shape if output_ir_first else shape[::-1]
                   for shape in stp.operands[3].segments]
-    out_starts = np.cumsum([0] + [a * b for a, b in out_shapes])
-    paths, blocks, in_start = [], [], 0
+    paths = []
     for path in stp.paths:
         p, a, b, q = (int(path.indices[k]) for k in (weights_k, x1_k, x2_k, 3))
         paths.append(FullyConnectedPath(
             np.asarray(path.coefficients), segment(x1_k, a), segment(x2_k, b),
             f"{ir_modes},z{modes[x1_k]},z{modes[x2_k]}->z{u}{v}{ir[3]}", segment(weights_k, p),
-            f"{modes[weights_k]}->{u}{v}{w}"))
-        dims = dict(zip(modes[weights_k], stp.operands[weights_k].segments[p]))
-        ir_dim, mul_out = out_shapes[q]
-        blocks.append(LinearBlock(in_start, int(out_starts[q]), dims[u] * dims[v], mul_out, ir_dim, 1.0))
-        in_start += dims[u] * dims[v] * ir_dim
-    written = {int(path.indices[3]) for path in stp.paths}
-    plan = LinearPlan(in_start, int(out_starts[-1]), tuple(blocks), (),
-                      tuple(q not in written for q in range(len(out_shapes))))
+            f"{modes[weights_k]}->{u}{v}{w}", q))
     return FullyConnectedForm(operation.buffers[weights_k], operation.buffers[x1_k], operation.buffers[x2_k],
-                              tuple(paths), output_ir_first, tuple(map(tuple, out_shapes)), plan)
+                              tuple(paths), output_ir_first, tuple(map(tuple, out_shapes)))
 
 
 def why_unsupported(poly: cue.SegmentedPolynomial) -> str | None:
@@ -755,8 +746,9 @@ def _linear(form: LinearForm, inputs, in_index, out, out_index, num_rows, comput
 
 
 def _fully_connected(form: FullyConnectedForm, inputs, in_index, out, out_index, num_rows, compute, backend):
-    """The output as each path's outer product (summed in ``compute``) followed by one
-    :func:`~e3kernels.ops.indexed_linear` over all of them (e3nn's ``(mul, ir)`` layout)."""
+    """The output as each path's outer product and its matmul with the path's weights,
+    summed in ``compute`` into e3nn's ``(mul, ir)`` layout, then relaid as the output's."""
+    del backend  # XLA's own matmuls on every backend (see FullyConnectedForm)
     weights = _cast(inputs[form.weights], compute)
     if in_index[form.weights] is not None or weights.shape[0] != 1:
         raise NotImplementedError(f"{OP}: inputs[{form.weights}]: a fully connected product's weights "
@@ -764,17 +756,14 @@ def _fully_connected(form: FullyConnectedForm, inputs, in_index, out, out_index,
                                   + (" with an index" if in_index[form.weights] is not None else ""))
     x1 = _per_row(inputs[form.x1], in_index[form.x1], num_rows).astype(compute)
     x2 = _per_row(inputs[form.x2], in_index[form.x2], num_rows).astype(compute)
-    outer, blocks = [], []
+    segments = [jnp.zeros((num_rows, mul, ir_dim), compute) for ir_dim, mul in form.out_segments]
     for path in form.paths:
-        (cols1, shape1), (cols2, shape2) = path.x1, path.x2
+        (cols1, shape1), (cols2, shape2), (cols, shape) = path.x1, path.x2, path.weights
         t = jnp.einsum(path.outer, jnp.asarray(path.coefficients, compute),
                        x1[:, cols1].reshape(num_rows, *shape1), x2[:, cols2].reshape(num_rows, *shape2))
-        outer.append(t.reshape(num_rows, -1))  # (rows, (u, v, k)): e3nn's (mul, ir) block
-        cols, shape = path.weights
         w = jnp.einsum(path.to_uvw, weights[0, cols].reshape(shape))
-        blocks.append(w.reshape(1, w.shape[0] * w.shape[1], w.shape[2]))
-    x = jnp.concatenate(outer, axis=1)
-    y = indexed_linear(x, blocks, jnp.zeros((num_rows,), jnp.int32), form.plan, backend=backend)
+        segments[path.out_segment] += jnp.einsum("zuvk,uvw->zwk", t, w, preferred_element_type=compute)
+    y = jnp.concatenate([s.reshape(num_rows, -1) for s in segments], axis=1)
     y = _relayout(y, form.out_segments, to_ir_first=form.output_ir_first, ir_first=False)
     return _output_rows(y, out_index, out.shape[0]).astype(out.dtype)
 

@@ -106,8 +106,9 @@ def segmented_polynomial(polynomial, inputs: Sequence, out_rows: Sequence[int], 
     """A cuequivariance segmented polynomial (``e3kernels.cue``), path by path, on
     ``(B, size)`` inputs: each input gathered by its index (``None``: per row, or shared
     when ``B = 1``), every path's einsum of its coefficients and segments (the tensor
-    product's subscripts, coefficient modes included) added to its output segment, each output scattered by its index
-    (``None``: per row, or the sum over rows when ``out_rows`` is 1). Sums in float32
+    product's subscripts, coefficient modes included) added to its output segment, each
+    output scattered by its index (``None``: per row, or the sum over rows when
+    ``out_rows`` is 1). Sums in float32
     (float64 for float64 inputs); outputs of that dtype."""
     canonical = polynomial.consolidate()
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(*inputs))
