@@ -761,6 +761,7 @@ def _fully_connected(form: FullyConnectedForm, inputs, in_index, out, out_index,
         (cols1, shape1), (cols2, shape2), (cols, shape) = path.x1, path.x2, path.weights
         t = jnp.einsum(path.outer, jnp.asarray(path.coefficients, compute),
                        x1[:, cols1].reshape(num_rows, *shape1), x2[:, cols2].reshape(num_rows, *shape2))
+        t = t.reshape(t.shape[:3] + (-1,))  # (rows, u, v, k); k = 1 where the output's ir is squeezed
         w = jnp.einsum(path.to_uvw, weights[0, cols].reshape(shape))
         segments[path.out_segment] += jnp.einsum("zuvk,uvw->zwk", t, w, preferred_element_type=compute)
     y = jnp.concatenate([s.reshape(num_rows, -1) for s in segments], axis=1)

@@ -97,6 +97,8 @@ SMALL = {
     "linear, mul_ir": lambda: linear_case(None, mul_ir=True),
     "linear, scalars to one (a readout)": lambda: linear_case(None, irreps_in="6x0e + 2x0e", irreps_out="0e"),
     "species skip": lambda: fully_connected_case("4x0e + 4x1o", "3x0e", "4x0e + 4x1o", one_hot=True),
+    "species skip to scalars, consolidated": lambda: fully_connected_case(
+        "4x0e + 4x1o", "3x0e", "5x0e", one_hot=True, consolidate=True),
     "fully connected": lambda: fully_connected_case("4x0e + 3x1o", "2x0e + 2x1o", "5x0e + 2x1o + 3x2e"),
     "fully connected, mul_ir": lambda: fully_connected_case(
         "4x0e + 3x1o", "2x0e + 2x1o", "5x0e + 2x1o + 3x2e", modes="wvu,ui,vj,wk+ijk"),
@@ -121,12 +123,16 @@ def linear_case(species: int | None, mul_ir: bool = False, seed=0, irreps_in="4x
     return p, [w, x], [jax.ShapeDtypeStruct((7, -1), jnp.float32)], index
 
 
-def fully_connected_case(in1: str, in2: str, out: str, one_hot=False, modes=None, rows=7, seed=0):
+def fully_connected_case(in1: str, in2: str, out: str, one_hot=False, modes=None, consolidate=False, rows=7,
+                         seed=0):
     """``cue.descriptors.fully_connected_tensor_product`` with shared weights; ``one_hot``:
     the second input a one-hot species (mace-jax's species skip); ``modes``: the same
     product with its operands' modes reordered (as ``"wvu,ui,vj,wk+ijk"``: ``(mul, ir)``
-    segments, weights stored ``(w, v, u)``)."""
+    segments, weights stored ``(w, v, u)``); ``consolidate``: passed consolidated (unit
+    modes squeezed: a scalar output's ir mode gone)."""
     p = cue.descriptors.fully_connected_tensor_product(irreps(in1), irreps(in2), irreps(out)).polynomial
+    if consolidate:
+        p = p.consolidate()
     if modes is not None:
         p = cue.SegmentedPolynomial.eval_last_operand(p.operations[0][1].add_or_transpose_modes(modes))
     rng = np.random.default_rng(seed)
