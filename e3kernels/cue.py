@@ -272,7 +272,7 @@ def linear_form(poly: cue.SegmentedPolynomial) -> LinearForm | None:
 def _linear_form(operation, stp) -> LinearForm | None:
     if stp.coefficient_subscripts:
         return None
-    modes = [tuple(operand) for operand in str(stp.subscripts).split("+")[0].split(",")]
+    modes = [tuple(operand) for operand in stp.subscripts.operands]
     weights_k, features_k = (0, 1) if len(modes[0]) == 2 and len(set(modes[0])) == 2 else (1, 0)
     w_modes, x_modes, out_modes = modes[weights_k], modes[features_k], modes[2]
     if len(w_modes) != 2 or len(x_modes) != 2 or len(out_modes) != 2:
@@ -438,9 +438,8 @@ def segmented_polynomial(
     inputs, outs, in_index, out_index = _normalized(polynomial, inputs, outputs_shape_dtype, indices)
     num_rows = _num_rows(inputs, in_index, outs, out_index)
     if linear is not None or fully_connected is not None:
-        run = functools.partial(_linear, linear) if linear is not None else functools.partial(
-            _fully_connected, fully_connected)
-        result = run(inputs, in_index, outs[0], out_index[0], num_rows, compute, backend)
+        run, form = (_linear, linear) if linear is not None else (_fully_connected, fully_connected)
+        result = run(form, inputs, in_index, outs[0], out_index[0], num_rows, compute, backend)
         return [result.reshape(_requested_shapes(polynomial, outputs_shape_dtype)[0].shape)]
     results = []
     for o, (out, index) in enumerate(zip(outs, out_index)):

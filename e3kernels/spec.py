@@ -108,8 +108,8 @@ def segmented_polynomial(polynomial, inputs: Sequence, out_rows: Sequence[int], 
     when ``B = 1``), every path's einsum of its coefficients and segments (the tensor
     product's subscripts, coefficient modes included) added to its output segment, each
     output scattered by its index (``None``: per row, or the sum over rows when
-    ``out_rows`` is 1). Sums in float32
-    (float64 for float64 inputs); outputs of that dtype."""
+    ``out_rows`` is 1). Sums in float32 (float64 for float64 inputs); outputs of that
+    dtype."""
     canonical = polynomial.consolidate()
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(*inputs))
     gathered = [jnp.asarray(x, dtype) if i is None else jnp.asarray(x, dtype)[i]

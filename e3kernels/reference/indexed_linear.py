@@ -115,16 +115,14 @@ class TileScan:
         return lax.cond(group < self.num_groups, work, lambda: skipped)
 
     def apply(self, plan, x, weights, biases, grouping: Grouping, fill: float):
-        n, segments = x.shape[0], output_segments(plan)
+        n = x.shape[0]
 
         def tile(out, tile):
             rows, group = tile
 
             def work():
                 xt = x.at[rows].get(mode="fill", fill_value=0)
-                pieces = [_segment(plan, seg, xt, weights, biases, group, self.precision)
-                          for seg in segments]
-                return jnp.concatenate(pieces, axis=1).astype(x.dtype)
+                return _rows(plan, xt, weights, biases, group, self.precision).astype(x.dtype)
 
             values = self._used(group, work, jnp.zeros((self.tile_rows, plan.dim_out), x.dtype))
             rows = jnp.where(group < self.num_groups, rows, n)  # skipped tiles write nothing
@@ -164,14 +162,19 @@ class OneSet:
     max_rows: ClassVar[int] = 256
 
     def apply(self, plan, x, weights, biases, grouping: Grouping, fill: float):
-        pieces = [_segment(plan, seg, x, weights, biases, 0, self.precision) for seg in output_segments(plan)]
-        out = jnp.concatenate(pieces, axis=1).astype(x.dtype)
+        out = _rows(plan, x, weights, biases, 0, self.precision).astype(x.dtype)
         return jnp.where((grouping.groups == 0)[:, None], out, jnp.asarray(fill, x.dtype))
 
     def weight_grad(self, plan, x, g, grouping: Grouping):
         valid = (grouping.groups == 0)[:, None]
         x, g = jnp.where(valid, x, 0), jnp.where(valid, g, 0)
         return tuple(_block_outer(b, x, g, self.precision)[None] for b in plan.blocks)
+
+
+def _rows(plan: LinearPlan, xt, weights, biases, group, precision) -> jax.Array:
+    """``(rows, dim_out)`` in the accumulation dtype: rows ``xt`` through weight set ``group``."""
+    return jnp.concatenate([_segment(plan, seg, xt, weights, biases, group, precision)
+                            for seg in output_segments(plan)], axis=1)
 
 
 def _segment(plan: LinearPlan, seg, xt, weights, biases, group, precision) -> jax.Array:
